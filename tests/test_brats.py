@@ -1,0 +1,230 @@
+"""The BraTS data layer: layout detection, case listing, label conversions, folds, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import load_decathlon_datalist
+from monai.transforms import Compose, ConvertToMultiChannelBasedOnBratsClasses, EnsureChannelFirstd, Lambdad, LoadImaged
+
+from conftest import BRATS_AFFINE, LABELS, PYTHON, REPO, case_id_for, run_env, toy_label, toy_modalities, write_toy_dataset
+from custom.brats import CONVENTIONS, MODALITIES, BraTSDataError, detect_layout, list_cases
+from custom.datalist import kfold_split, make_datalist, select_fold
+from custom.transforms import LabelToRegions, LabelToRegionsd, RegionsToLabel, RegionsToLabeld
+
+LAYOUT_NAME = {"2021": "brats2021", "2023": "brats2023", "msd": "msd"}
+
+
+def load_canonical(case) -> torch.Tensor:
+    """Load a case's image the way the bundle does: stacked, channel-first, canonical order."""
+    t = Compose([
+        LoadImaged("image", image_only=True),
+        EnsureChannelFirstd("image"),
+        Lambdad("image", lambda x: x[list(case.layout.channel_index)]),
+    ])
+    return t(case.to_dict())["image"]
+
+
+def test_detects_layout_and_lists_cases_in_canonical_order(tmp_path, layout):
+    ids = write_toy_dataset(tmp_path, layout, n=4, unlabelled=1)
+    assert detect_layout(tmp_path).name == LAYOUT_NAME[layout]
+    cases = list_cases(tmp_path)
+    assert [c.case_id for c in cases] == sorted(ids)
+    assert [c.label is None for c in cases] == [False, False, False, True]
+    for case in cases:
+        img = load_canonical(case)
+        assert img.shape == (4, 12, 10, 8)
+        # toy channel c holds values 100*(c+1)+noise, written in canonical order T1, T1ce, T2, FLAIR
+        assert [int(img[c].min()) // 100 for c in range(4)] == [1, 2, 3, 4]
+        if layout != "msd":
+            names = [p.rsplit("/", 1)[1] for p in case.images]
+            sep = "_" if layout == "2021" else "-"
+            suffixes = ("t1", "t1ce", "t2", "flair") if layout == "2021" else ("t1n", "t1c", "t2w", "t2f")
+            assert names == [f"{case.case_id}{sep}{s}.nii.gz" for s in suffixes]
+    assert MODALITIES == ("t1", "t1ce", "t2", "flair")
+
+
+def test_msd_channel_order_follows_dataset_json(tmp_path):
+    write_toy_dataset(tmp_path, "msd", n=2)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert detect_layout(tmp_path).channel_index == (1, 2, 3, 0)
+    meta["modality"] = {"0": "T1w", "1": "t1gd", "2": "T2w", "3": "FLAIR"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    assert detect_layout(tmp_path).channel_index == (0, 1, 2, 3)
+    meta["modality"] = {"0": "T1w", "1": "t1gd", "2": "T2w", "3": "PD"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(BraTSDataError, match="flair"):
+        detect_layout(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["brats2021", "brats2023", "msd"])
+def test_label_region_conversion_both_ways(name):
+    c = CONVENTIONS[name]
+    lab = np.zeros((1, 4, 1, 1), np.uint8)
+    lab[0, :, 0, 0] = [0, c.ncr, c.ed, c.et]
+    regions = LabelToRegions(name)(torch.as_tensor(lab))
+    # rows: background, NCR, ED, ET; columns TC, WT, ET
+    expected = [[0, 0, 0], [1, 1, 0], [0, 1, 0], [1, 1, 1]]
+    assert regions[:, :, 0, 0].T.tolist() == expected
+    assert regions.dtype == torch.float32
+    back = RegionsToLabel(name)(regions)
+    assert back.dtype == torch.uint8 and torch.equal(back, torch.as_tensor(lab))
+    # a bigger nested label round-trips, numpy in -> numpy out
+    full = toy_label(layout={"brats2021": "2021", "brats2023": "2023", "msd": "msd"}[name])[None]
+    assert np.array_equal(RegionsToLabel(name)(LabelToRegions(name)(full)), full)
+
+
+@pytest.mark.parametrize("et_label,name", [(4, "brats2021"), (3, "brats2023")])
+def test_regions_agree_with_monai_brats_converter(et_label, name):
+    lab = torch.as_tensor(toy_label(layout="2021" if et_label == 4 else "2023"))
+    ours = LabelToRegions(name, dtype=torch.bool)(lab[None])
+    monai = ConvertToMultiChannelBasedOnBratsClasses(et_label=et_label)(lab)
+    assert torch.equal(ours, torch.as_tensor(monai))
+
+
+def test_dictionary_transforms_and_bad_label_values(tmp_path):
+    write_toy_dataset(tmp_path, "2021", n=1)
+    case = list_cases(tmp_path)[0]
+    load = Compose([LoadImaged("label", image_only=True), EnsureChannelFirstd("label")])
+    d = LabelToRegionsd("label", "brats2021")(load({"label": case.label}))
+    assert d["label"].shape == (3, 12, 10, 8)
+    assert RegionsToLabeld("label", "brats2021")(d)["label"].shape == (1, 12, 10, 8)
+    # the same file read with the 2023 convention has a 4 that 2023 does not allow
+    with pytest.raises(BraTSDataError, match=r"BraTS2021_00000_seg\.nii\.gz.*\[4\].*brats2023"):
+        LabelToRegionsd("label", "brats2023")(load({"label": case.label}))
+    with pytest.raises(ValueError, match="unknown label convention"):
+        LabelToRegions("brats2019")
+    with pytest.raises(ValueError, match=r"\(3, H, W, D\)"):
+        RegionsToLabel("msd")(torch.zeros(2, 4, 4, 4))
+
+
+def test_kfold_split_is_deterministic_balanced_and_order_free():
+    ids = [f"BraTS2021_{i:05d}" for i in range(23)]
+    folds = kfold_split(ids, 5, seed=3)
+    assert folds == kfold_split(list(reversed(ids)), 5, seed=3)
+    assert sorted(np.bincount(list(folds.values())).tolist()) == [4, 4, 5, 5, 5]
+    assert folds != kfold_split(ids, 5, seed=4)
+    with pytest.raises(ValueError):
+        kfold_split(ids, 1)
+
+
+def test_datalist_json_reads_with_monai_loader(tmp_path, layout):
+    data = tmp_path / "data"
+    write_toy_dataset(data, layout, n=6, unlabelled=2)
+    out = tmp_path / "datalist.json"
+    proc = subprocess.run([PYTHON, "-m", "custom.datalist", "--dataset_dir", str(data), "--out", str(out), "--folds", "2"],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    train = load_decathlon_datalist(out, is_segmentation=True, data_list_key="training")
+    test = load_decathlon_datalist(out, is_segmentation=False, data_list_key="testing")
+    assert len(train) == 4 and len(test) == 2
+    assert sorted(d["fold"] for d in train) == [0, 0, 1, 1]
+    expected = make_datalist(data, n_folds=2)
+    assert [d["case_id"] for d in train] == [d["case_id"] for d in expected["training"]]
+    val = select_fold(expected, 1, validation=True)
+    trn = select_fold(expected, 1, validation=False)
+    assert {d["case_id"] for d in val}.isdisjoint(d["case_id"] for d in trn) and len(val) + len(trn) == 4
+    with pytest.raises(ValueError, match="fold must be in 0..1"):
+        select_fold(expected, 2, validation=True)
+
+
+# ---- bad input: clear errors naming the case and the file -------------------------------------------------------
+
+def first_case_dir(root, layout="2021"):
+    return root / case_id_for(layout, 0)
+
+
+def test_missing_modality(tmp_path):
+    write_toy_dataset(tmp_path, "2021", n=2)
+    (first_case_dir(tmp_path) / "BraTS2021_00000_t1ce.nii.gz").unlink()
+    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: missing modality t1ce \(expected BraTS2021_00000_t1ce\.nii\.gz"):
+        list_cases(tmp_path)
+
+
+def test_duplicated_modality(tmp_path):
+    write_toy_dataset(tmp_path, "2023", n=1)
+    d = first_case_dir(tmp_path, "2023")
+    shutil.copy(d / "BraTS-GLI-00000-000-t2w.nii.gz", d / "copy-of-t2w.nii.gz")
+    with pytest.raises(BraTSDataError, match=r"case BraTS-GLI-00000-000: duplicated 't2w' files"):
+        list_cases(tmp_path)
+
+
+def test_shape_mismatch(tmp_path):
+    write_toy_dataset(tmp_path, "2021", n=1)
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 9), np.int16), BRATS_AFFINE), first_case_dir(tmp_path) / "BraTS2021_00000_flair.nii.gz")
+    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: .*_flair\.nii\.gz has shape \(12, 10, 9\)"):
+        list_cases(tmp_path)
+
+
+def test_affine_mismatch(tmp_path):
+    write_toy_dataset(tmp_path, "2021", n=1)
+    shifted = BRATS_AFFINE.copy()
+    shifted[2, 3] = 5.0
+    nib.save(nib.Nifti1Image(toy_label(), shifted), first_case_dir(tmp_path) / "BraTS2021_00000_seg.nii.gz")
+    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: .*_seg\.nii\.gz and .*_t1\.nii\.gz have different affines"):
+        list_cases(tmp_path)
+
+
+def test_label_values_outside_convention(tmp_path):
+    write_toy_dataset(tmp_path, "2023", n=1)
+    lab = toy_label(layout="2023")
+    lab[0, 0, 0] = 4  # a BraTS 2021 ET value in a 2023 dataset
+    nib.save(nib.Nifti1Image(lab, BRATS_AFFINE), first_case_dir(tmp_path, "2023") / "BraTS-GLI-00000-000-seg.nii.gz")
+    list_cases(tmp_path)  # header checks pass
+    with pytest.raises(BraTSDataError, match=r"case BraTS-GLI-00000-000: .*-seg\.nii\.gz: label values \[4\] are not in the brats2023"):
+        list_cases(tmp_path, check="full")
+
+
+def test_msd_4d_image_with_wrong_channel_count(tmp_path):
+    write_toy_dataset(tmp_path, "msd", n=2)
+    vol = np.stack(toy_modalities()[:3], -1)
+    nib.save(nib.Nifti1Image(vol, BRATS_AFFINE), tmp_path / "imagesTr" / "BRATS_001.nii.gz")
+    with pytest.raises(BraTSDataError, match=r"case BRATS_001: .*BRATS_001\.nii\.gz: a 4D image must have 4 channels .* got 3"):
+        list_cases(tmp_path)
+
+
+def test_3d_where_4d_expected(tmp_path):
+    write_toy_dataset(tmp_path, "msd", n=1)
+    nib.save(nib.Nifti1Image(toy_modalities()[0], BRATS_AFFINE), tmp_path / "imagesTr" / "BRATS_001.nii.gz")
+    with pytest.raises(BraTSDataError, match=r"expected a 4D image, got shape \(12, 10, 8\)"):
+        list_cases(tmp_path)
+
+
+def test_empty_and_unrecognised_folders(tmp_path):
+    with pytest.raises(BraTSDataError, match="no BraTS dataset found.*holds: nothing"):
+        detect_layout(tmp_path)
+    (tmp_path / "scan.nii.gz").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(BraTSDataError, match=r"no BraTS dataset found.*\['notes', 'scan\.nii\.gz'\]"):
+        list_cases(tmp_path)
+    with pytest.raises(BraTSDataError, match="does not exist"):
+        list_cases(tmp_path / "nope")
+
+
+def test_unreadable_and_truncated_files(tmp_path):
+    write_toy_dataset(tmp_path, "2021", n=2)
+    t2 = first_case_dir(tmp_path) / "BraTS2021_00000_t2.nii.gz"
+    good = t2.read_bytes()
+    t2.write_bytes(b"this is not a NIfTI file at all")
+    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: .*_t2\.nii\.gz: not a readable NIfTI file"):
+        list_cases(tmp_path)
+    # truncated: a valid gzip stream cut short keeps a readable header but loses voxels
+    raw = gzip.decompress(good)
+    t2.write_bytes(gzip.compress(raw)[: len(gzip.compress(raw)) // 2])
+    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: .*_t2\.nii\.gz: truncated or corrupt NIfTI data"):
+        list_cases(tmp_path, check="full")
+
+
+def test_check_cli_reports_layout_and_errors(tmp_path):
+    write_toy_dataset(tmp_path, "2023", n=2, unlabelled=1)
+    ok = subprocess.run([PYTHON, "-m", "custom.brats", str(tmp_path)], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert ok.returncode == 0 and "layout brats2023, 2 cases (1 labelled)" in ok.stdout
+    bad = subprocess.run([PYTHON, "-m", "custom.brats", str(tmp_path / "missing")], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
