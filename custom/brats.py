@@ -119,6 +119,14 @@ class BraTSCase:
         return item
 
 
+def case_id_from_path(path: str | os.PathLike) -> str:
+    """Case id of an image file: its folder's name for per-modality layouts (the folder is the
+    case), else the file name without ``.nii.gz`` (MSD)."""
+    p = Path(os.fspath(path))
+    stem = strip_nifti_suffix(p.name) or p.stem
+    return p.parent.name if p.parent.name and stem.startswith(p.parent.name) and stem != p.parent.name else stem
+
+
 def strip_nifti_suffix(name: str) -> str | None:
     """File name without ``.nii.gz``/``.nii``, or None for a non-NIfTI name."""
     for suffix in NIFTI_SUFFIXES:

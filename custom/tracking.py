@@ -1,0 +1,122 @@
+"""Additions to MONAI's built-in MLflow tracking (``monai.bundle run ... --tracking mlflow``).
+
+``--tracking mlflow`` appends a ``monai.handlers.MLFlowHandler`` to ``train#handlers`` and
+``validate#handlers``; the configs pass those lists through :func:`configure_mlflow`, which gives
+the handlers this project's run parameters and artifacts and makes tracking failures non-fatal
+(logged as warnings; training goes on). Without ``--tracking`` the lists pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+
+logger = logging.getLogger(__name__)
+_MLFLOW_METHODS = ("start", "iteration_completed", "epoch_completed", "complete", "close")
+
+
+def _tolerant(method, name: str):
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as e:  # tracking must never stop training
+            logger.warning(f"MLflow tracking failed in {name} ({type(e).__name__}: {e}); training continues without it")
+            return None
+
+    return call
+
+
+def configure_mlflow(handlers: Sequence | None, params: dict | None = None, artifacts: Sequence[str] = ()) -> list:
+    """Return ``handlers`` with every ``MLFlowHandler`` in it made fault-tolerant.
+
+    ``params`` (nested dicts are flattened with ``.``) are logged when the run starts; ``artifacts``
+    (file or folder paths) are logged when the engine completes, with the handler's own.
+    """
+    handlers = list(handlers or [])
+    for h in handlers:
+        if not isinstance(h, MLFlowHandler):
+            continue
+        if params:
+            h.experiment_param = {**(h.experiment_param or {}), **flatten(params)}
+        if artifacts:
+            existing = [a for a in (h.artifacts or []) if a]
+            h.artifacts = [*existing, *artifacts]
+        for name in _MLFLOW_METHODS:
+            setattr(h, name, _tolerant(getattr(h, name), name))
+    return handlers
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def describe_network(net: torch.nn.Module) -> dict:
+    """Class name, parameter count and the hyper-parameters a network records about itself."""
+    info = {"class": type(net).__name__, "parameters": sum(p.numel() for p in net.parameters())}
+    for attr in ("feature_size", "spatial_attention", "squeeze_excitation", "dropout_prob", "channels", "strides"):
+        if hasattr(net, attr):
+            info[attr] = getattr(net, attr)
+    return info
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    """The current git commit of the project (``unknown`` outside a git checkout)."""
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+class ValidationOverlay:
+    """Validation handler: after each validation, a PNG of the first case (four modalities and the
+    predicted label over FLAIR on the axial slice with most tumour), for the MLflow run and humans.
+
+    Expects the evaluator's output to hold ``image`` ``(B, 4, H, W, D)`` and ``pred`` region masks
+    ``(B, 3, H, W, D)``; the label values follow ``convention``.
+    """
+
+    def __init__(self, path: str | os.PathLike, convention) -> None:
+        from custom.transforms import RegionsToLabel
+
+        self.path = Path(path)
+        self.to_label = RegionsToLabel(convention)
+        self.convention = self.to_label.convention.name.removeprefix("brats")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from custom.render import render_case
+
+        if engine.state.iteration != 1 + (engine.state.epoch - 1) * engine.state.epoch_length:
+            return  # only the epoch's first case
+        out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+        image, pred = out["image"], out["pred"]
+        affine = image.affine.cpu().numpy() if hasattr(image, "affine") else None
+        label = self.to_label(pred.detach().cpu())[0].numpy()
+        try:
+            render_case(list(image.detach().cpu().numpy()), label, self.path, affine=affine, convention=self.convention,
+                        title=f"validation case {out.get('case_id', '')}: prediction (epoch {engine.state.epoch})")
+        except Exception as e:  # a picture must never stop training
+            logger.warning(f"could not write {self.path}: {e}")
