@@ -237,6 +237,8 @@ class SwinUNETRAttSE(SwinUNETR):
         self.spatial_dims = spatial_dims
         self.spatial_attention = spatial_attention
         self.squeeze_excitation = squeeze_excitation
+        self.feature_size = feature_size
+        self.dropout_prob = dropout_prob
         # instance norm cannot normalise a single voxel, and encoder10 works on the (H/32, W/32, D/32) bottleneck
         self._bottleneck_needs_several_voxels = any(isinstance(m, _INSTANCE_NORMS) for m in self.encoder10.modules())
 

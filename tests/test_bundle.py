@@ -1,0 +1,240 @@
+"""The MONAI bundle, run as a user runs it: `python -m monai.bundle ...` and torchrun subprocesses
+on small synthetic BraTS data (tiny network and volumes so that the CPU copes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, run_env
+from custom.brats import CONVENTIONS, list_cases
+from custom.metrics import HD95_ONE_EMPTY_MM, region_metrics
+from custom.synthetic import write_dataset
+from custom.transforms import LabelToRegions
+
+CONFIGS = REPO / "bundle" / "configs"
+TRAIN = str(CONFIGS / "train.json")
+QUICK = str(CONFIGS / "quick.json")
+# tiny settings on top of quick.json: 5 mm voxels, 64x32x32 windows, a one-block-per-stage network
+TINY = ["--spacing", "[5.0,5.0,5.0]", "--roi_size", "[64,32,32]", "--feature_size", "12", "--depths", "[1,1,1,1]",
+        "--num_workers", "0", "--num_samples", "1", "--warmup_epochs", "1", "--val_interval", "1", "--num_folds", "3"]
+
+NET = TINY[4:8]
+
+
+def configs(*names: str) -> str:
+    return "[" + ",".join(f"'{CONFIGS / n}'" for n in names) + "]"
+
+
+def bundle(*args: str, timeout: float = 600, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, "-m", "monai.bundle", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundle_data")
+    out = {}
+    for layout, n, unlabelled, seed in (("2021", 6, 1, 0), ("2023", 2, 1, 1), ("msd", 2, 1, 2)):
+        out[layout] = root / layout
+        write_dataset(out[layout], n, seed=seed, layout=layout, size="small", unlabelled=unlabelled)
+    out["heldout"] = root / "heldout"
+    write_dataset(out["heldout"], 2, seed=3, layout="2021", size="small")
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(data, tmp_path_factory) -> Path:
+    """A bundle root with a briefly trained tiny model, tracked in MLflow."""
+    root = tmp_path_factory.mktemp("trained")
+    bundle("run", "training", "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", configs("train.json", "quick.json"),
+           "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(data["2021"]), "--bundle_root", str(root),
+           "--epochs", "2", *TINY, "--tracking", "mlflow", "--experiment_name", "tests")
+    return root
+
+
+def test_training_writes_best_model_resume_checkpoint_and_mlflow_run(trained):
+    assert (trained / "models" / "model.pt").is_file()
+    assert sorted(p.name for p in (trained / "models").glob("resume_*.pt")) == ["resume_checkpoint_epoch=2.pt"]
+    state = torch.load(trained / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("decoder1.attention_gate") for k in state)  # the attention/SE network, plain state dict
+    # MLflow: the default store is SQLite under <bundle_root>/eval, holding one run with params and metrics
+    db = trained / "eval" / "mlruns.db"
+    assert db.is_file()
+    con = sqlite3.connect(db)
+    runs = con.execute("select run_uuid, status from runs").fetchall()
+    assert len(runs) == 1 and runs[0][1] == "FINISHED"
+    params = dict(con.execute("select key, value from params").fetchall())
+    for key in ("network.class", "network.feature_size", "network.spatial_attention", "network.squeeze_excitation", "roi_size",
+                "batch_size", "learning_rate", "epochs", "seed", "fold", "git_commit"):
+        assert key in params, key
+    assert params["network.class"] == "SwinUNETRAttSE" and params["roi_size"] == "[64, 32, 32]"
+    metrics = {k for (k,) in con.execute("select distinct key from metrics").fetchall()}
+    assert {"train_loss", "val_mean_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"} <= metrics
+    steps = con.execute("select count(*) from metrics where key='val_mean_dice'").fetchone()[0]
+    assert steps == 2  # one validation per epoch
+    artifacts = {p.name for p in (trained / "eval" / "mlruns").rglob("*") if p.is_file()}
+    assert "validation_overlay.png" in artifacts
+    assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)
+
+
+def test_resume_after_sigkill_continues_from_last_checkpoint(data, tmp_path):
+    args = [PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", configs("train.json", "quick.json"),
+            "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(data["2021"]), "--bundle_root", str(tmp_path),
+            *TINY, "--val_interval", "10"]
+    proc = subprocess.Popen([*args, "--epochs", "50"], cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while not list((tmp_path / "models").glob("resume_checkpoint_epoch=2.pt")):
+            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before its second checkpoint"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = sorted((tmp_path / "models").glob("resume_*.pt"))
+    assert len(saved) == 1
+    torch.load(saved[0], weights_only=False)  # complete: written to a temporary file, then renamed
+    epoch = int(saved[0].stem.split("=")[1])
+    resumed = subprocess.run([*args, "--epochs", str(epoch + 2), "--resume", "true"], cwd=REPO, env=run_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"Epoch: {epoch + 1}/{epoch + 2}" in log and "Epoch: 1/" not in log
+    assert [p.name for p in (tmp_path / "models").glob("resume_*.pt")] == [f"resume_checkpoint_epoch={epoch + 2}.pt"]
+
+
+def test_evaluation_metrics_match_an_independent_computation(trained, data, tmp_path):
+    out = tmp_path / "eval"
+    bundle("run", "evaluating", "--config_file", configs("train.json", "quick.json", "evaluate.json"), "--dataset_dir",
+           str(data["heldout"]), "--bundle_root", str(trained), "--output_dir", str(out), *TINY)
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    assert header == ["case_id", "dice_TC", "dice_WT", "dice_ET", "dice_mean", "hd95_TC", "hd95_WT", "hd95_ET", "hd95_mean"]
+    table = {r.split(",")[0]: dict(zip(header[1:], map(float, r.split(",")[1:]))) for r in rows[1:]}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == 2
+    assert summary["dice_WT"]["mean"] == pytest.approx(np.mean([t["dice_WT"] for t in table.values()]), abs=1e-5)
+    # the same model's predictions written by the inference workflow, scored here with numpy
+    pred_dir = tmp_path / "pred"
+    bundle("run", "inference", "--config_file", configs("inference.json", "quick.json"), "--dataset_dir", str(data["heldout"]),
+           "--bundle_root", str(trained), "--output_dir", str(pred_dir), *TINY)
+    conv = CONVENTIONS["brats2021"]
+    for case in list_cases(data["heldout"]):
+        pred = np.asarray(nib.load(pred_dir / f"{case.case_id}.nii.gz").dataobj)
+        gt = np.asarray(nib.load(case.label).dataobj)
+        for region, values in conv.region_labels.items():
+            p, g = np.isin(pred, values), np.isin(gt, values)
+            dice = 1.0 if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum())
+            assert table[case.case_id][f"dice_{region}"] == pytest.approx(dice, abs=1e-4), (case.case_id, region)
+
+
+def test_region_metrics_follow_brats_conventions():
+    gt = np.zeros((3, 20, 20, 20), bool)
+    gt[:, 5:10, 5:10, 5:10] = True
+    gt[2] = False  # no ET in the ground truth
+    pred = gt.copy()
+    pred[1, 5:10, 5:10, 10:12] = True  # WT: 2 extra slices -> a surface 2 voxels (4 mm at 2 mm spacing) off
+    m = region_metrics(pred, gt, spacing=(2.0, 2.0, 2.0))
+    assert m["TC"] == {"dice": 1.0, "hd95": 0.0}
+    assert m["WT"]["dice"] == pytest.approx(2 * 125 / (125 + 175))
+    assert m["WT"]["hd95"] == pytest.approx(4.0)
+    assert m["ET"] == {"dice": 1.0, "hd95": 0.0}  # both empty
+    pred[2, 0, 0, 0] = True
+    assert region_metrics(pred, gt)["ET"] == {"dice": 0.0, "hd95": HD95_ONE_EMPTY_MM}  # one empty
+
+
+@pytest.mark.parametrize("layout", ["2021", "2023", "msd"])
+def test_inference_writes_submission_files_in_each_layout(trained, data, layout, tmp_path):
+    out = tmp_path / "pred"
+    bundle("run", "inference", "--config_file", configs("inference.json", "quick.json"), "--dataset_dir", str(data[layout]),
+           "--bundle_root", str(trained), "--output_dir", str(out), *TINY)
+    cases = list_cases(data[layout])
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c.case_id}.nii.gz" for c in cases)  # labelled or not
+    conv = cases[0].layout.convention
+    for case in cases:
+        ref = nib.load(case.images[0])
+        pred = nib.load(out / f"{case.case_id}.nii.gz")
+        assert pred.shape == ref.shape[:3]
+        assert np.allclose(pred.affine, ref.affine, atol=1e-4)
+        assert pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(conv.values)
+
+
+def test_inference_output_is_in_the_input_grid_for_reoriented_inputs(trained, data, tmp_path):
+    """A case stored in RAS (not BraTS's LPS) comes back in its own grid, not the network's."""
+    src = list_cases(data["2021"])[0]
+    case_dir = tmp_path / "ras" / src.case_id
+    case_dir.mkdir(parents=True)
+    for path in (*src.images, src.label):
+        img = nib.load(path)
+        ras = nib.as_closest_canonical(img)
+        nib.save(ras, case_dir / Path(path).name)
+    bundle("run", "inference", "--config_file", configs("inference.json", "quick.json"), "--dataset_dir", str(tmp_path / "ras"),
+           "--bundle_root", str(trained), "--output_dir", str(tmp_path / "pred"), *TINY)
+    pred = nib.load(tmp_path / "pred" / f"{src.case_id}.nii.gz")
+    ref = nib.load(case_dir / Path(src.images[0]).name)
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
+
+
+def test_torchrun_two_processes_gloo(data, tmp_path):
+    cmd = ["torchrun", "--nproc_per_node=2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "monai.bundle", "run", "training",
+           "--config_file", configs("train.json", "multi_gpu_train.json", "quick.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+           "--dataset_dir", str(data["2021"]), "--bundle_root", str(tmp_path), "--epochs", "2", *TINY]
+    env = run_env()
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert [p.name for p in (tmp_path / "models").glob("resume_*.pt")] == ["resume_checkpoint_epoch=2.pt"]
+    # 4 training cases split over 2 ranks: each rank runs 2 iterations an epoch; only rank 0 logs them
+    assert log.count("Epoch: 1/2, Iter: 1/2") == 1 and "Iter: 3/" not in log
+
+
+def test_unet_baseline_trains_with_the_same_pipeline(data, tmp_path):
+    bundle("run", "training", "--config_file", configs("train.json", "unet.json", "quick.json"), "--dataset_dir", str(data["2021"]),
+           "--bundle_root", str(tmp_path), "--epochs", "1", *TINY)
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("model.") for k in state) and not any("swinViT" in k for k in state)
+
+
+def test_metadata_network_and_export_commands(trained, tmp_path):
+    meta = str(CONFIGS / "metadata.json")
+    bundle("verify_metadata", "--meta_file", meta, "--filepath", str(REPO / "bundle" / "docs" / "meta_schema.json"))
+    bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", configs("inference.json", "quick.json"), "--n", "2", *NET)
+    ts = tmp_path / "model.ts"
+    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained / "models" / "model.pt"), "--meta_file", meta,
+           "--config_file", configs("inference.json", "quick.json"), "--use_trace", "True", "--input_shape", "[1,4,64,64,64]", *NET)
+    scripted = torch.jit.load(ts)
+    with torch.no_grad():
+        assert scripted(torch.zeros(1, 4, 64, 64, 64)).shape == (1, 3, 64, 64, 64)
+
+
+def test_inference_config_repeats_the_training_pipeline_exactly():
+    """inference.json must stand alone (MONAI Label reads it by itself); this keeps it in step with train.json."""
+    train, infer = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
+    for key in ("network_def", "deterministic_transforms", "feature_size", "depths", "num_heads", "spatial_attention",
+                "squeeze_excitation", "dropout_prob", "roi_size", "spacing", "sw_batch_size", "sw_overlap", "layout", "label_convention"):
+        assert infer[key] == train[key], key
+    assert infer["inferer"] == train["validate"]["inferer"]
+
+
+def test_bad_dataset_dir_fails_with_a_clear_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = bundle("run", "training", "--config_file", configs("train.json", "quick.json"), "--dataset_dir", str(tmp_path / "empty"),
+                  "--bundle_root", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "no BraTS dataset found" in proc.stderr
