@@ -23,13 +23,19 @@ logger = logging.getLogger(__name__)
 _MLFLOW_METHODS = ("start", "iteration_completed", "epoch_completed", "complete", "close")
 
 
-def _tolerant(method, name: str):
+def _tolerant(handler: MLFlowHandler, method, name: str):
+    """Wrap ``method`` so that an exception is logged once and the handler then goes quiet (an
+    unreachable server would otherwise cost its retry time at every later call)."""
+
     @functools.wraps(method)
     def call(*args, **kwargs):
+        if getattr(handler, "_tracking_failed", False):
+            return None
         try:
             return method(*args, **kwargs)
         except Exception as e:  # tracking must never stop training
-            logger.warning(f"MLflow tracking failed in {name} ({type(e).__name__}: {e}); training continues without it")
+            handler._tracking_failed = True
+            logger.warning(f"MLflow tracking failed in {name} ({type(e).__name__}: {e}); training continues without tracking")
             return None
 
     return call
@@ -51,7 +57,7 @@ def configure_mlflow(handlers: Sequence | None, params: dict | None = None, arti
             existing = [a for a in (h.artifacts or []) if a]
             h.artifacts = [*existing, *artifacts]
         for name in _MLFLOW_METHODS:
-            setattr(h, name, _tolerant(getattr(h, name), name))
+            setattr(h, name, _tolerant(h, getattr(h, name), name))
     return handlers
 
 
