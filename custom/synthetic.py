@@ -683,24 +683,19 @@ def write_dataset(out, cases: int, seed: int = 0, layout: str = "2021", size: st
     return ids
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
 
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return parse
 
 
 def main(argv=None) -> int:
@@ -709,14 +704,14 @@ def main(argv=None) -> int:
         description="Write synthetic BraTS-like glioma cases (MNI ICBM152 anatomy) in a real BraTS release layout.")
     p.add_argument("--out", required=True, type=Path,
                    help="output directory (new, empty, or the same dataset's: its files are overwritten)")
-    p.add_argument("--cases", type=_positive_int, default=4, help="number of cases (default 4)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--cases", type=_int_at_least(1), default=4, help="number of cases (default 4)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="dataset seed (default 0)")
     p.add_argument("--layout", choices=LAYOUTS, default="2021",
                    help="2021: BraTS2021_XXXXX/..._{t1,t1ce,t2,flair,seg}; 2023: BraTS-GLI-XXXXX-000/...-"
                         "{t1n,t1c,t2w,t2f,seg}; msd: Task01_BrainTumour (default 2021)")
     p.add_argument("--size", choices=SIZES, default="full",
                    help="full: 240x240x155 at 1 mm; small: 96x96x62 at 2.5 mm (default full)")
-    p.add_argument("--unlabelled", type=_non_negative_int, default=0,
+    p.add_argument("--unlabelled", type=_int_at_least(0), default=0,
                    help="write the last K cases without labels (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print per-case progress")
     args = p.parse_args(argv)
