@@ -227,7 +227,8 @@ def test_inference_config_repeats_the_training_pipeline_exactly():
     """inference.json must stand alone (MONAI Label reads it by itself); this keeps it in step with train.json."""
     train, infer = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
     for key in ("network_def", "deterministic_transforms", "feature_size", "depths", "num_heads", "spatial_attention",
-                "squeeze_excitation", "dropout_prob", "roi_size", "spacing", "sw_batch_size", "sw_overlap", "layout", "label_convention"):
+                "squeeze_excitation", "dropout_prob", "roi_size", "spacing", "sw_batch_size", "sw_overlap", "layout", "label_convention",
+                "use_crf"):
         assert infer[key] == train[key], key
     assert infer["inferer"] == train["validate"]["inferer"]
 
