@@ -16,9 +16,8 @@ Without one, the probabilities are ORACLE-NOISED (:func:`oracle_noised_probs`: g
 on the network grid as signed-distance logits, with smooth and voxel noise and false-positive
 specks); the untrained network is still run on every case (output discarded, unless
 ``--skip_network``) so that the end-to-end time contains a real network forward pass, and the
-oracle's own time is subtracted. Such rows are labelled ``oracle``. If the inference config has no
-``DenseCRFd`` yet, the benchmark inserts :data:`CRF_COMPONENT` right after ``Activationsd`` (before
-``Invertd``), the placement it recommends. An unmeasured warm-up run on the first case comes first.
+oracle's own time is subtracted. Such rows are labelled ``oracle``. The CRF is the config's own
+``DenseCRFd`` entry (between ``Activationsd`` and ``Invertd``), switched by ``use_crf``. An unmeasured warm-up run on the first case comes first.
 
 ``tune``: coordinate descent over the CRF parameters on oracle-noised probabilities of a training
 split (synthetic seed 0), on the bundle preprocessing's grid; how the defaults of ``DenseCRFd``
@@ -55,12 +54,6 @@ from custom.transforms import LabelToRegions  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
 
-CRF_COMPONENT = {
-    "_target_": "custom.crf.DenseCRFd",
-    "_disabled_": "$str(@use_crf).lower() not in ('true', '1')",
-    "keys": "pred",
-    "image_key": "image",
-}
 """The post-processing entry recommended for ``inference.json`` (between Activationsd and Invertd)."""
 
 
@@ -259,7 +252,7 @@ def run_bundle(config_files, data: Path, out_dir: Path, use_crf: bool, bundle_ro
                         logging_file=str(CONFIGS / "logging.conf"), workflow_type="infer")
     p = wf.parser
     if find_crf_config(p) is None:
-        p["postprocessing"]["transforms"].insert(1, copy.deepcopy(CRF_COMPONENT))
+        raise RuntimeError("the inference config has no custom.crf.DenseCRFd in its post-processing")
     settings = {"dataset_dir": str(data), "output_dir": str(out_dir), "use_crf": use_crf, "num_workers": 0, **overrides}
     if bundle_root is not None:
         settings["bundle_root"] = str(bundle_root)

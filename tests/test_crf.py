@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import importlib.util
 import time
 
@@ -18,7 +19,7 @@ from conftest import REPO, write_toy_dataset
 from custom.crf import DenseCRFd, classes_to_regions, crf_voxel_mask, regions_to_classes
 from custom.transforms import RegionsToLabeld
 
-# The post-processing entry recommended for bundle/configs/inference.json (between Activationsd and Invertd).
+# The post-processing entry of bundle/configs/inference.json and evaluate.json (between Activationsd and Invertd).
 CRF_COMPONENT = {
     "_target_": "custom.crf.DenseCRFd",
     "_disabled_": "$str(@use_crf).lower() not in ('true', '1')",
@@ -293,11 +294,10 @@ def test_config_switch_drops_disabled_component(use_crf, present):
     assert names == (["Activationsd", "DenseCRFd", "AsDiscreted"] if present else ["Activationsd", "AsDiscreted"])
 
 
-def test_benchmark_uses_the_same_snippet():
-    spec = importlib.util.spec_from_file_location("crf_benchmark", REPO / "benchmarks" / "crf_benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.CRF_COMPONENT == CRF_COMPONENT
+def test_bundle_configs_hold_this_crf_entry_before_invertd():
+    for name, key in (("inference.json", "postprocessing"), ("evaluate.json", "validate#postprocessing")):
+        transforms = json.loads((REPO / "bundle" / "configs" / name).read_text())[key]["transforms"]
+        assert transforms[1] == CRF_COMPONENT and transforms[2]["_target_"] == "Invertd", name
 
 
 def test_bundle_postprocessing_before_invertd(tmp_path):
@@ -307,7 +307,6 @@ def test_bundle_postprocessing_before_invertd(tmp_path):
     write_toy_dataset(data, "2021", n=1, shape=(24, 20, 16))
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
-    parser["postprocessing"]["transforms"].insert(1, copy.deepcopy(CRF_COMPONENT))
     parser["dataset_dir"] = str(data)
     parser["output_dir"] = str(tmp_path / "out")
     parser["use_crf"] = True
