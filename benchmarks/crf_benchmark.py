@@ -29,7 +29,6 @@ were chosen::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

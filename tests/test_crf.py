@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import importlib.util
 import time
 
 import numpy as np
