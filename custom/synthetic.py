@@ -610,6 +610,11 @@ def _msd_dataset_json(cases: int, unlabelled: int) -> dict:
             training.append({"image": f"./{files['image']}", "label": f"./{files['seg']}"})
         else:
             test.append(f"./{files['image']}")
+    return msd_dataset_json(training, test)
+
+
+def msd_dataset_json(training: list[dict], test: list[str]) -> dict:
+    """An MSD Task01 ``dataset.json`` for these ``training`` entries and ``test`` image paths."""
     return {
         "name": "BRATS",
         "description": "Synthetic gliomas (oedema, non-enhancing/necrotic core, enhancing tumour) on the "

@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from custom.synthetic import msd_dataset_json
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
@@ -69,16 +71,7 @@ def write_toy_dataset(root: Path, layout: str, n: int = 3, unlabelled: int = 0, 
         if has_label:
             nib.save(nib.Nifti1Image(lab, BRATS_AFFINE), case_dir / f"{cid}{sep}seg.nii.gz")
     if layout == "msd":
-        meta = {
-            "name": "BRATS",
-            "tensorImageSize": "4D",
-            "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-            "numTraining": len(training),
-            "numTest": len(test),
-            "training": training,
-            "test": test,
-        }
+        meta = msd_dataset_json(training, test)
         (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     return ids
 
