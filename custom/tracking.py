@@ -118,11 +118,16 @@ class ValidationOverlay:
         if engine.state.iteration != 1 + (engine.state.epoch - 1) * engine.state.epoch_length:
             return  # only the epoch's first case
         out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+        batch = engine.state.batch[0] if isinstance(engine.state.batch, list) else engine.state.batch
         image, pred = out["image"], out["pred"]
         affine = image.affine.cpu().numpy() if hasattr(image, "affine") else None
         label = self.to_label(pred.detach().cpu())[0].numpy()
+        img = image.detach().cpu().float().numpy()
+        brain = (img != 0).any(axis=0)
+        # z-scored channels have negative values; shift each to be positive inside the brain for display
+        channels = [((c - c[brain].min() + 1e-3) * brain) if brain.any() else c for c in img]
         try:
-            render_case(list(image.detach().cpu().numpy()), label, self.path, affine=affine, convention=self.convention,
-                        title=f"validation case {out.get('case_id', '')}: prediction (epoch {engine.state.epoch})")
+            render_case(channels, label, self.path, affine=affine, convention=self.convention,
+                        title=f"validation case {batch.get('case_id', '')}: prediction (epoch {engine.state.epoch})")
         except Exception as e:  # a picture must never stop training
             logger.warning(f"could not write {self.path}: {e}")
