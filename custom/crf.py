@@ -55,6 +55,7 @@ These are synthetic-data choices; re-tune on real validation predictions before 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -68,6 +69,8 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage as ndi
 
 from custom.brats import MODALITIES, REGIONS
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["regions_to_classes", "classes_to_regions", "crf_voxel_mask", "dense_crf_regions", "DenseCRFd"]
 
@@ -312,8 +315,10 @@ class DenseCRFd(MapTransform):
             if out is p:  # nothing to refine: hand back the input object untouched
                 info["seconds"] = time.perf_counter() - t0
                 self.last_info[key] = info
+                logger.info(f"DenseCRFd: no tumour predicted in {key!r}, left unchanged")
                 continue
             d[key], *_ = convert_to_dst_type(out, pred)
             info["seconds"] = time.perf_counter() - t0
             self.last_info[key] = info
+            logger.info(f"DenseCRFd refined {key!r}: {info.get('voxels', 0)} voxels in {info['seconds']:.2f} s")
         return d
