@@ -83,9 +83,9 @@ def test_training_writes_best_model_resume_checkpoint_and_mlflow_run(trained):
         assert key in params, key
     assert params["network.class"] == "SwinUNETRAttSE" and params["roi_size"] == "[64, 32, 32]"
     metrics = {k for (k,) in con.execute("select distinct key from metrics").fetchall()}
-    assert {"train_loss", "val_mean_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"} <= metrics
-    steps = con.execute("select count(*) from metrics where key='val_mean_dice'").fetchone()[0]
-    assert steps == 2  # one validation per epoch
+    assert {"train_loss", "train_loss_epoch", "val_mean_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"} <= metrics
+    for key in ("val_mean_dice", "train_loss_epoch"):
+        assert con.execute(f"select count(*) from metrics where key='{key}'").fetchone()[0] == 2, key  # once an epoch
     artifacts = {p.name for p in (trained / "eval" / "mlruns").rglob("*") if p.is_file()}
     assert "validation_overlay.png" in artifacts
     assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)
