@@ -1,0 +1,3 @@
+from .brats_bundle import BraTSBundleInfer
+
+__all__ = ["BraTSBundleInfer"]
