@@ -2,7 +2,7 @@
 
 Start (the venv's bin first on PATH: the ``monailabel`` launcher runs ``python`` from PATH)::
 
-    PATH=/work/main/.venv/bin:$PATH monailabel start_server --app monailabel_app --studies STUDIES \
+    PATH=$PWD/.venv/bin:$PATH monailabel start_server --app monailabel_app --studies STUDIES \
         --conf models brats [--conf bundle_root PATH] [--conf model_path PATH] \
         [--conf bundle_configs inference.json,quick.json] [--conf bundle_overrides '{"use_crf": false}']
 
