@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "monailabel_app"
 VENV_BIN = Path(sys.executable).parent
 CONFIGS = "inference.json,quick.json"
-OVERRIDES = {"use_crf": False}
+OVERRIDES = {"use_crf": True}  # the bundle default, explicit: the app runs the CRF of inference.json
 MODEL = "brats"
 STARTUP_TIMEOUT = 120
 
@@ -130,6 +130,7 @@ def test_infer_returns_label_map_in_image_grid(server):
     assert set(np.unique(arr).tolist()) <= {0, 1, 2, 3}
     label_names = params if isinstance(params, dict) else json.loads(params)
     assert label_names.get("label_names") == {"edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}
+    assert "DenseCRFd" in server["log"].read_text()  # the bundle's CRF step ran inside the server
 
 
 def test_datastore_label_roundtrip(server):
