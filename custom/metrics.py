@@ -123,3 +123,11 @@ class BraTSMetricsWriter:
     def epoch_completed(self, engine: Engine) -> None:
         csv_path, json_path = write_report(self.rows, self.output_dir)
         engine.logger.info(f"wrote {csv_path} and {json_path} ({len(self.rows)} cases)")
+
+
+def region_volumes_ml(label, affine, convention) -> dict[str, float]:
+    """Volumes of TC, WT and ET in mL of an integer label map ``(H, W, D)`` (or ``(1, H, W, D)``)
+    in ``convention``'s values, with voxel size from the 4x4 ``affine`` (mm)."""
+    lab = np.asarray(label.cpu() if isinstance(label, torch.Tensor) else label)
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3]))) / 1000.0
+    return {r: float(np.isin(lab, values).sum()) * voxel_ml for r, values in convention.region_labels.items()}

@@ -131,6 +131,9 @@ def test_infer_returns_label_map_in_image_grid(server):
     label_names = params if isinstance(params, dict) else json.loads(params)
     assert label_names.get("label_names") == {"edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}
     assert "DenseCRFd" in server["log"].read_text()  # the bundle's CRF step ran inside the server
+    voxel_ml = abs(np.linalg.det(out.affine[:3, :3])) / 1000
+    expected = {"TC": np.isin(arr, (2, 3)).sum() * voxel_ml, "WT": np.isin(arr, (1, 2, 3)).sum() * voxel_ml, "ET": (arr == 3).sum() * voxel_ml}
+    assert label_names["volumes_ml"] == pytest.approx(expected)
 
 
 def test_datastore_label_roundtrip(server):

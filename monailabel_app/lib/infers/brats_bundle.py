@@ -27,6 +27,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import Inferer
 from monai.transforms import CastToTyped, Compose, SaveImaged, SqueezeDimd
 
+from custom.metrics import region_volumes_ml
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -147,6 +148,14 @@ class BraTSBundleInfer(BasicInferTask):
 
     def inferer(self, data=None) -> Inferer:
         return self.parser.get_parsed_content("inferer", instantiate=True)
+
+    def writer(self, data, extension=None, dtype=None):
+        """MONAI Label's writer, plus the predicted region volumes in mL (``volumes_ml``: TC, WT, ET)."""
+        result_file, result_json = super().writer(data, extension=extension, dtype=dtype)
+        pred = data["pred"]
+        affine = pred.affine if hasattr(pred, "affine") else np.eye(4)
+        convention = self.parser.get_parsed_content("label_convention")
+        return result_file, {**(result_json or {}), "volumes_ml": region_volumes_ml(pred, affine, convention)}
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         post = [t for t in self._transforms("postprocessing") if not isinstance(t, SaveImaged)]
