@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 from custom.brats import REGIONS, list_cases, load_nifti, load_voxels  # noqa: E402
 from custom.crf import DenseCRFd, dense_crf_regions  # noqa: E402
-from custom.metrics import spacing_of  # noqa: E402
+from custom.metrics import region_dice, spacing_of  # noqa: E402
 from custom.synthetic import write_dataset  # noqa: E402
 from custom.transforms import LabelToRegions  # noqa: E402
 
@@ -105,16 +105,6 @@ def case_seed(case_id: str) -> int:
     return zlib.crc32(case_id.encode())
 
 
-def dice_per_region(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    """Dice of boolean ``(3, ...)`` masks per region (1.0 when both are empty)."""
-    out = {}
-    for i, r in enumerate(REGIONS):
-        p, g = pred[i] > 0.5, gt[i] > 0.5
-        s = int(p.sum()) + int(g.sum())
-        out[r] = 1.0 if s == 0 else 2.0 * int((p & g).sum()) / s
-    return out
-
-
 def ensure_dataset(data: Path, cases: int, seed: int, size: str) -> None:
     if not data.exists() or not any(data.iterdir()):
         print(f"# generating {cases} synthetic cases (seed {seed}, {size}) in {data}", flush=True)
@@ -152,7 +142,7 @@ def tune(args) -> None:
         sp = spacing_of(affine)
         probs = oracle_noised_probs(regions, np.any(image != 0, 0), sp, case_seed(cid))
         cases.append((cid, image, regions, affine[:3, :3], probs))
-        print(f"# {cid}: grid {image.shape[1:]}, spacing {sp}, baseline Dice {dice_per_region(probs, regions)}", flush=True)
+        print(f"# {cid}: grid {image.shape[1:]}, spacing {sp}, baseline Dice {region_dice(probs, regions)}", flush=True)
     base = {k: v for k, v in DenseCRFd("pred").params.items() if k != "crop"}
     if args.start:
         base.update(json.loads(args.start))
@@ -177,11 +167,11 @@ def tune(args) -> None:
         dices, secs = [], 0.0
         for _, image, regions, lin, probs in cases:
             out, info = dense_crf_regions(probs, image, lin, **params, crop=True)
-            dices.append(np.mean(list(dice_per_region(out, regions).values())))
+            dices.append(np.mean(list(region_dice(out, regions).values())))
             secs += info["seconds"]
         return float(np.mean(dices)), secs / len(cases)
 
-    baseline = float(np.mean([np.mean(list(dice_per_region(probs, regions).values())) for _, _, regions, _, probs in cases]))
+    baseline = float(np.mean([np.mean(list(region_dice(probs, regions).values())) for _, _, regions, _, probs in cases]))
     print(f"# no CRF: mean Dice {baseline:.4f}")
     best = dict(base)
     best_score, secs = score(best)
@@ -352,7 +342,7 @@ def bench(args) -> None:
         for use_crf in (False, True):
             pred_path = out_root / ("crf" if use_crf else "no_crf") / f"{c.case_id}.nii.gz"
             pred = np.asarray(load_voxels(load_nifti(pred_path), str(pred_path)))
-            dice[use_crf] = dice_per_region(to_regions(torch.as_tensor(pred)[None]).numpy() > 0.5, gt)
+            dice[use_crf] = region_dice(to_regions(torch.as_tensor(pred)[None]).numpy() > 0.5, gt)
         r0, r1 = runs[False][c.case_id], runs[True][c.case_id]
         frac = 100.0 * r1["crf"] / r1["total"]
         fracs.append(frac)

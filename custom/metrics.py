@@ -30,24 +30,38 @@ def spacing_of(affine) -> tuple[float, ...]:
     return tuple(float(x) for x in np.linalg.norm(a[:3, :3], axis=0))
 
 
-def region_metrics(pred, label, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, dict[str, float]]:
-    """Dice and HD95 (mm) per region. ``pred``, ``label``: ``(3, H, W, D)`` masks (TC, WT, ET)."""
+def _region_masks(pred, label) -> tuple[torch.Tensor, torch.Tensor]:
     pred_t, label_t = torch.as_tensor(pred) > 0.5, torch.as_tensor(label) > 0.5
     if pred_t.shape != label_t.shape or pred_t.shape[0] != len(REGIONS):
         raise ValueError(f"pred and label must both be (3, H, W, D) region masks, got {tuple(pred_t.shape)} and {tuple(label_t.shape)}")
+    return pred_t, label_t
+
+
+def region_dice(pred, label) -> dict[str, float]:
+    """Dice per region (1 when both masks are empty). ``pred``, ``label``: ``(3, H, W, D)`` (TC, WT, ET)."""
+    pred_t, label_t = _region_masks(pred, label)
+    out = {}
+    for i, region in enumerate(REGIONS):
+        total = int(pred_t[i].sum()) + int(label_t[i].sum())
+        out[region] = 1.0 if total == 0 else 2.0 * int((pred_t[i] & label_t[i]).sum()) / total
+    return out
+
+
+def region_metrics(pred, label, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, dict[str, float]]:
+    """Dice and HD95 (mm) per region. ``pred``, ``label``: ``(3, H, W, D)`` masks (TC, WT, ET)."""
+    pred_t, label_t = _region_masks(pred, label)
+    dice = region_dice(pred_t, label_t)
     out = {}
     for i, region in enumerate(REGIONS):
         p, g = pred_t[i], label_t[i]
-        np_, ng = int(p.sum()), int(g.sum())
-        if np_ == 0 and ng == 0:
-            dice, hd95 = 1.0, 0.0
-        elif np_ == 0 or ng == 0:
-            dice, hd95 = 0.0, HD95_ONE_EMPTY_MM
+        if not p.any() and not g.any():
+            hd95 = 0.0
+        elif not p.any() or not g.any():
+            hd95 = HD95_ONE_EMPTY_MM
         else:
-            dice = 2.0 * int((p & g).sum()) / (np_ + ng)
             hd95 = float(compute_hausdorff_distance(p[None, None].float(), g[None, None].float(), include_background=True,
                                                     percentile=95, spacing=list(spacing))[0, 0])
-        out[region] = {"dice": dice, "hd95": hd95}
+        out[region] = {"dice": dice[region], "hd95": hd95}
     return out
 
 
