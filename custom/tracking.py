@@ -62,6 +62,7 @@ def configure_mlflow(handlers: Sequence | None, params: dict | None = None, arti
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dict -> flat dict with dotted keys (MONAI's ``flatten_dict`` drops the parent keys)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
