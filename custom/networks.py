@@ -155,7 +155,8 @@ class SwinUNETRAttSE(SwinUNETR):
     * with ``squeeze_excitation`` the outputs of ``encoder1``-``encoder4`` and ``encoder10`` go through SE
       (``encoder_se[<encoder name>]``);
     * ``output_dropout`` (``Dropout3d``, identity if ``dropout_prob == 0``) acts on the last decoder features
-      ``(B, feature_size, H, W, D)`` just before ``out``; see :meth:`enable_mc_dropout`.
+      ``(B, feature_size, H, W, D)`` (:meth:`decode`) just before ``out``; see :meth:`forward_mc` and
+      :meth:`enable_mc_dropout`.
 
     With ``spatial_attention=False, squeeze_excitation=False`` this is exactly MONAI's SwinUNETR (same
     parameters, state-dict keys and outputs). Note that with instance normalisation the bottleneck
@@ -284,7 +285,9 @@ class SwinUNETRAttSE(SwinUNETR):
         Only the dropout layers (``output_dropout`` and, if ``drop_rate``/``attn_drop_rate`` > 0, those of the
         Swin transformer) are put in train mode, so normalisation layers keep inference behaviour; repeated
         forward passes (under ``torch.no_grad()``) then sample different dropout masks. ``net.eval()`` undoes it.
-        Has no effect on outputs if ``dropout_prob == 0`` and the transformer has no dropout.
+        Has no effect on outputs if ``dropout_prob == 0`` and the transformer has no dropout. Note that MONAI's
+        flash-attention path (``use_flash_attention`` under ``torch.no_grad()``) skips attention dropout;
+        :meth:`forward_mc` handles that and is cheaper when only ``output_dropout`` is stochastic.
         """
         self.eval()
         for module in self.modules():
@@ -323,8 +326,11 @@ class SwinUNETRAttSE(SwinUNETR):
                 f"which instance normalisation cannot normalise; make at least one spatial size >= {2 * multiple}."
             )
 
-    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
-        """``(B, in_channels, H, W, D)`` -> ``(B, out_channels, H, W, D)`` logits."""
+    def decode(self, x_in: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, H, W, D)`` -> ``(B, feature_size, H, W, D)`` last decoder features.
+
+        Everything of :meth:`forward` before ``output_dropout`` and ``out``, including input validation.
+        """
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._validate_input(x_in)
         hidden_states_out = self.swinViT(x_in, self.normalize)
@@ -337,5 +343,69 @@ class SwinUNETRAttSE(SwinUNETR):
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
         dec0 = self.decoder2(dec1, enc1)
-        out = self.decoder1(dec0, enc0)
-        return self.out(self.output_dropout(out))
+        return self.decoder1(dec0, enc0)
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, H, W, D)`` -> ``(B, out_channels, H, W, D)`` logits."""
+        return self.out(self.output_dropout(self.decode(x_in)))
+
+    @torch.jit.unused
+    def _transformer_dropout_modules(self) -> list[nn.Module]:
+        """Dropout modules with ``p > 0`` other than ``output_dropout`` (those of ``drop_rate``/``attn_drop_rate``)."""
+        return [
+            m
+            for m in self.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m is not self.output_dropout and m.p > 0
+        ]
+
+    @torch.jit.unused
+    def forward_mc(self, x_in: torch.Tensor, samples: int) -> torch.Tensor:
+        """Monte-Carlo dropout logits: ``(B, in_channels, H, W, D)`` -> ``(B, samples * out_channels, H, W, D)``.
+
+        Sample-major channels: ``[:, s * out_channels:(s + 1) * out_channels]`` is sample ``s``
+        (:func:`custom.uncertainty.split_samples` views it as ``(B, samples, out_channels, H, W, D)``).
+
+        If only ``output_dropout`` is stochastic, :meth:`decode` runs once and ``samples`` independent channel
+        dropout masks (``p = dropout_prob``, active whatever the train/eval mode) followed by ``out`` are applied
+        to its features, so the cost is about one forward pass. If the Swin transformer has dropout
+        (``drop_rate``/``attn_drop_rate`` > 0), it runs ``samples`` full forward passes in
+        :meth:`enable_mc_dropout` mode, with flash attention switched off in attention layers that have attention
+        dropout (MONAI's flash path skips it), and restores all module modes afterwards. Call under
+        ``torch.no_grad()`` for inference.
+
+        Raises:
+            ValueError: if ``samples < 2``, or if nothing is stochastic (``dropout_prob == 0`` and no
+                transformer dropout), or for an invalid input (see :meth:`forward`).
+        """
+        if isinstance(samples, bool) or int(samples) != samples or samples < 2:
+            raise ValueError(f"MC dropout needs samples >= 2, got {samples!r}.")
+        samples = int(samples)
+        transformer_dropout = self._transformer_dropout_modules()
+        if not transformer_dropout:
+            if self.dropout_prob <= 0:
+                raise ValueError(
+                    "MC dropout needs dropout_prob > 0 (or transformer drop_rate/attn_drop_rate > 0); "
+                    "this network is deterministic."
+                )
+            features = self.decode(x_in)
+            dropout = nn.functional.dropout3d if self.spatial_dims == 3 else nn.functional.dropout2d
+            return torch.cat(
+                [self.out(dropout(features, p=self.dropout_prob, training=True)) for _ in range(samples)], dim=1
+            )
+
+        modes = [(m, m.training) for m in self.modules()]
+        flash = [
+            (m, m.use_flash_attention)
+            for m in self.modules()
+            if getattr(m, "use_flash_attention", False) and getattr(getattr(m, "attn_drop", None), "p", 0) > 0
+        ]
+        try:
+            self.enable_mc_dropout()
+            for m, _ in flash:
+                m.use_flash_attention = False
+            return torch.cat([self(x_in) for _ in range(samples)], dim=1)
+        finally:
+            for m, training in modes:
+                m.training = training
+            for m, use_flash in flash:
+                m.use_flash_attention = use_flash
