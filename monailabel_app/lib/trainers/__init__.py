@@ -1,0 +1,3 @@
+from .brats_bundle import BraTSBundleTrain
+
+__all__ = ["BraTSBundleTrain"]

@@ -1,0 +1,247 @@
+"""Train task (``POST /train/<model>``) fine-tuning through the bundle's own training workflow.
+
+The run is ``bundle/configs/train.json`` (plus the app's extra configs such as ``quick.json``)
+executed by ``monai.bundle``; this module only computes overrides for it:
+
+- the datastore's labelled images (final labels) split into ``train_datalist`` / ``val_datalist``
+  (also set as ``train#dataset#data`` / ``validate#dataset#data``);
+- ``epochs`` (the trainer's ``max_epochs`` and the lr schedule) from the request, ``val_interval``
+  capped at it so at least one validation runs: the bundle's ``validate#best_model_saver`` then
+  replaces the served weights (``model_path``, written atomically) on the best validation Dice;
+- ``pretrained``: a ``CheckpointLoader`` of the current ``model_path`` prepended to ``train#handlers``;
+- MLflow as ``python -m monai.bundle run --tracking mlflow`` does it (``tracking`` argument and the
+  top-level ids ``tracking_uri``, ``experiment_name``, ``run_name``).
+
+One process: ``monai.bundle.run`` in-process. ``multi_gpu``: the merged config is exported to a
+temporary file and run by ``torchrun -m monai.bundle run`` with the bundle's
+``multi_gpu_train.json`` (nccl on CUDA; gloo on CPU with ``num_processes`` processes, so the path
+runs without GPUs too); the children's output is streamed to stdout and a failure raises.
+
+MONAI Label's ``BundleTrainTask.__call__`` is not used: it overrides ``train#trainer#max_epochs``
+only (the bundle's lr schedule reads ``epochs``), writes its merged config into the bundle folder,
+ignores a failing torchrun, and decides multi-GPU from ``gpus`` after the server has rewritten it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from typing import Any, Sequence
+
+import monai.bundle
+import torch
+from monai.bundle import ConfigParser
+
+from monailabel.config import settings
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import name_to_device
+
+logger = logging.getLogger(__name__)
+
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*)?(?:Error|Exception): .*)$")
+
+# A MONAI Label study is one 4D MSD-style NIfTI (FLAIR, T1w, t1gd, T2w), as in the infer task.
+DEFAULT_OVERRIDES = {"layout": "$brats.LAYOUTS['msd']"}
+
+
+def load_bundle_config(bundle_root: str, configs: Sequence[str], overrides: dict) -> ConfigParser:
+    """``<bundle_root>/configs/<configs...>`` merged in order, then ``bundle_root`` and ``overrides``
+    (what the infer task does; kept here so that training does not depend on the infer module)."""
+    paths = [os.path.join(bundle_root, "configs", c) for c in configs]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"bundle config file(s) not found: {missing}")
+    parser = ConfigParser()
+    parser.read_config(paths)
+    parser["bundle_root"] = bundle_root
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def _flag(value: Any) -> bool:
+    """A request boolean (JSON true/false, or a string from a form)."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def _first(image: str | Sequence[str]) -> str:
+    return image if isinstance(image, str) else image[0]
+
+
+def split_datalist(datalist: list[dict], val_split: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/validation split: sorted by image, shuffled with ``seed``; at least one
+    case on each side (ValueError for fewer than 2 cases)."""
+    if len(datalist) < 2:
+        raise ValueError(f"training needs at least 2 labelled images (final labels) in the datastore, found {len(datalist)}")
+    items = sorted(datalist, key=lambda d: json.dumps(d["image"]))
+    random.Random(seed).shuffle(items)
+    n_val = min(len(items) - 1, max(1, round(float(val_split) * len(items))))
+    return items[n_val:], items[:n_val]
+
+
+class BraTSBundleTrain(BundleTrainTask):
+    """``POST /train/<model>``: fine-tune the bundle's network on the datastore's labelled studies.
+
+    Args:
+        bundle_root: the bundle folder (``configs/``, ``models/``).
+        configs: file names in ``<bundle_root>/configs/`` merged in order (``train.json`` first).
+        overrides: config id -> value applied after them (the app's ``layout``, quick-size settings...).
+        model_path: the weights the inference task serves (default ``<bundle_root>/models/model.pt``);
+            the best validation model of a run is written there.
+        description: shown in ``/info``; default the bundle's description.
+        enable_tracking: MLflow on by default (when the server's ``MONAI_LABEL_TRACKING_ENABLED``).
+        load_strict: ``pretrained`` weights must match the configured network exactly.
+    """
+
+    def __init__(
+        self,
+        bundle_root: str,
+        configs: Sequence[str] = ("train.json",),
+        overrides: dict | None = None,
+        model_path: str | None = None,
+        description: str | None = None,
+        enable_tracking: bool = True,
+        load_strict: bool = True,
+    ):
+        self.bundle_root = os.path.abspath(bundle_root)
+        self.configs = list(configs)
+        self.overrides = {**DEFAULT_OVERRIDES, **(overrides or {})}
+        self.model_path = os.path.abspath(model_path or os.path.join(self.bundle_root, "models", "model.pt"))
+        parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)  # raises if a file is missing
+        super().__init__(self.bundle_root, conf={}, enable_tracking=enable_tracking, load_strict=load_strict)
+        self.bundle_config = parser
+        if description:
+            self.description = description
+
+    def config(self) -> dict[str, Any]:
+        options = super().config()
+        for key in ("model_filename", "run_id"):  # the run is always "run"; the weights are model_path
+            options.pop(key, None)
+        options["max_epochs"] = int(self.bundle_config.get_parsed_content("epochs"))
+        options["multi_gpu"] = torch.cuda.device_count() > 1
+        options["num_processes"] = 2  # processes (gloo) for multi_gpu on a machine without CUDA
+        return options
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
+        logger.info(f"Train request: {request}")
+        datalist = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d and d.get("label")]
+        train_ds, val_ds = split_datalist(datalist, request.get("val_split", 0.2))
+        parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)
+        epochs = request.get("max_epochs")
+        epochs = int(parser.get_parsed_content("epochs") if epochs in (None, "") else epochs)
+        if epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {epochs}")
+        val_interval = int(parser.get_parsed_content("val_interval"))
+        device = name_to_device(request.get("device"))
+
+        overrides = {
+            **self.overrides,
+            "bundle_root": self.bundle_root,
+            "ckpt_dir": os.path.dirname(self.model_path),
+            "ckpt_path": self.model_path,
+            "validate#best_model_saver#key_metric_filename": os.path.basename(self.model_path),
+            "dataset_dir": getattr(datastore, "_datastore_path", None) or os.path.dirname(_first(train_ds[0]["image"])),
+            "train_datalist": train_ds,
+            "val_datalist": val_ds,
+            "train#dataset#data": train_ds,
+            "validate#dataset#data": val_ds,
+            "epochs": epochs,
+            "train#trainer#max_epochs": epochs,
+            "val_interval": max(1, min(val_interval, epochs)),
+            "device": f"$torch.device({str(device)!r})",  # an expression: the config is exported as JSON
+        }
+        if _flag(request.get("pretrained", True)) and os.path.isfile(self.model_path):
+            logger.info(f"Fine-tuning from {self.model_path}")
+            loader = {"_target_": "CheckpointLoader", "load_path": self.model_path, "load_dict": {"model": "@network"},
+                      "map_location": "@device", "strict": self.load_strict}
+            overrides["train#handlers"] = [loader, *copy.deepcopy(parser.get("train#handlers") or [])]
+
+        tracking = request.get("tracking", "mlflow" if self.enable_tracking and settings.MONAI_LABEL_TRACKING_ENABLED else None)
+        tracking = tracking[0] if isinstance(tracking, (list, tuple)) else tracking
+        tracking = None if not tracking or str(tracking).lower() == "none" else str(tracking).lower()
+        if tracking not in (None, "mlflow"):
+            raise ValueError(f"tracking must be 'mlflow' or 'None', got {tracking!r}")
+        if tracking:
+            uri = request.get("tracking_uri") or settings.MONAI_LABEL_TRACKING_URI
+            if uri:  # else the bundle's default: SQLite under <output_dir>
+                overrides["tracking_uri"] = uri
+            overrides["experiment_name"] = request.get("tracking_experiment_name") or request.get("model") or "brats"
+            if request.get("tracking_run_name"):
+                overrides["run_name"] = request["tracking_run_name"]
+
+        paths = [os.path.join(self.bundle_root, "configs", c) for c in self.configs]
+        meta_file = os.path.join(self.bundle_root, "configs", "metadata.json")
+        logging_file = os.path.join(self.bundle_root, "configs", "logging.conf")
+        n_proc = self._num_processes(request) if _flag(request.get("multi_gpu", False)) else 1
+        if n_proc > len(train_ds):  # every process needs a training case of its own
+            logger.warning(f"{len(train_ds)} training case(s): {len(train_ds)} process(es) instead of {n_proc}")
+            n_proc = len(train_ds)
+        logger.info(f"Training {len(train_ds)} cases, validating {len(val_ds)}, {epochs} epoch(s), "
+                    f"{n_proc} process(es), device {device}, tracking {tracking}")
+        if n_proc > 1:
+            self._run_torchrun(n_proc, paths, overrides, meta_file, logging_file, tracking, request)
+        else:
+            monai.bundle.run(run_id="run", config_file=paths, meta_file=meta_file, logging_file=logging_file,
+                             tracking=tracking, **overrides)
+        logger.info("Training finished")
+        return {"model_path": self.model_path, "train": len(train_ds), "validation": len(val_ds), "epochs": epochs,
+                "multi_gpu": n_proc > 1, "processes": n_proc}
+
+    @staticmethod
+    def _num_processes(request: dict) -> int:
+        if not torch.cuda.is_available():
+            return int(request.get("num_processes", 2))
+        gpus = str(request.get("gpus") or "all")
+        # the server has already applied a gpus list as CUDA_VISIBLE_DEVICES (and rewritten it to "all")
+        return torch.cuda.device_count() if gpus == "all" else len([g for g in gpus.split(",") if g.strip()])
+
+    def _run_torchrun(self, n_proc, paths, overrides, meta_file, logging_file, tracking, request) -> None:
+        multi_gpu_config = os.path.join(self.bundle_root, "configs", "multi_gpu_train.json")
+        parser = ConfigParser()
+        parser.read_config(paths)
+        for k, v in overrides.items():
+            parser[k] = v
+        fd, merged = tempfile.mkstemp(prefix="brats_train_", suffix=".json")  # outside the bundle folder
+        os.close(fd)
+        try:
+            ConfigParser.export_config_file(parser.get(), merged, indent=2)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={n_proc}",
+                   "-m", "monai.bundle", "run", "run", "--config_file", json.dumps([merged, multi_gpu_config]),
+                   "--meta_file", meta_file, "--logging_file", logging_file]
+            if tracking:
+                cmd += ["--tracking", tracking]
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+            # the children import what this process imports (the repo's ``custom`` package, the bundle)
+            env["PYTHONPATH"] = os.pathsep.join([self.bundle_root, *[p for p in sys.path if p and os.path.isdir(p)],
+                                                 env.get("PYTHONPATH", "")])
+            gpus = str(request.get("gpus") or "all")
+            if torch.cuda.is_available() and gpus != "all":
+                env["CUDA_VISIBLE_DEVICES"] = gpus
+            logger.info(f"Running: {' '.join(cmd)}")
+            tail: deque[str] = deque(maxlen=30)
+            errors: list[str] = []  # the children's exception messages (torchrun's own summary hides them)
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+                for line in proc.stdout:
+                    line = line.rstrip()
+                    print(line, flush=True)
+                    tail.append(line)
+                    m = _EXCEPTION_LINE.match(line)
+                    if m and "ChildFailedError" not in line and m.group(1) not in errors:
+                        errors.append(m.group(1))
+                code = proc.wait()
+            if code != 0:
+                raise RuntimeError(f"multi-process training failed (torchrun exit code {code}): "
+                                   + ("\n".join(errors[:5]) or "no exception message seen")
+                                   + "\n--- last output ---\n" + "\n".join(tail))
+        finally:
+            os.remove(merged)
