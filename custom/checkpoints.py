@@ -37,7 +37,10 @@ class AtomicDiskSaver(DiskSaver):
         super().__call__(checkpoint, self.filename or filename, metadata)
 
     def remove(self, filename: str) -> None:
-        super().remove(self.filename or filename)
+        # A fixed name (e.g. the best model.pt) is replaced atomically by the next save: removing it
+        # first would leave a moment without the file (a server reading it would find no weights).
+        if self.filename is None:
+            super().remove(filename)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):

@@ -3,10 +3,11 @@
 Start (the venv's bin first on PATH: the ``monailabel`` launcher runs ``python`` from PATH)::
 
     PATH=$PWD/.venv/bin:$PATH monailabel start_server --app monailabel_app --studies STUDIES \
-        --conf models brats [--conf bundle_root PATH] [--conf model_path PATH] \
-        [--conf bundle_configs inference.json,quick.json] [--conf bundle_overrides '{"use_crf": false}']
+        --host 127.0.0.1 --conf models brats [--conf bundle_root PATH] [--conf model_path PATH] \
+        [--conf bundle_configs inference.json,quick.json] [--conf bundle_overrides '{"use_crf":false}']
 
-See README.md for the options.
+``STUDIES``: a flat folder of 4D NIfTI images, or a BraTS 2021 / 2023 / MSD Task01 dataset folder.
+README.md lists every ``--conf`` option.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import Dict
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -23,14 +25,30 @@ if REPO_ROOT not in sys.path:  # the bundle's config imports the repo's ``custom
     sys.path.insert(0, REPO_ROOT)
 
 import monailabel  # noqa: E402
+from fastapi import HTTPException  # noqa: E402
+from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
+from monailabel.tasks.activelearning.epistemic import Epistemic  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
+from lib.datastore import open_datastore  # noqa: E402
 from lib.infers import BraTSBundleInfer  # noqa: E402
+from lib.scoring import EpistemicMCDropoutScoring  # noqa: E402
+from lib.trainers import BraTSBundleTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 KNOWN_MODELS = ("brats",)
+
+
+def _flag(conf: Dict[str, str], key: str, default: bool) -> bool:
+    return str(conf.get(key, default)).strip().lower() in ("true", "1", "yes", "on")
 
 
 def parse_conf(conf: Dict[str, str]) -> dict:
@@ -46,33 +64,101 @@ def parse_conf(conf: Dict[str, str]) -> dict:
         raise ValueError(f"--conf bundle_overrides must be a JSON object: {e}") from e
     if not isinstance(overrides, dict):
         raise ValueError("--conf bundle_overrides must be a JSON object of config id -> value")
+    configs = [c.strip() for c in conf.get("bundle_configs", "inference.json").split(",") if c.strip()]
+    extra = [c for c in configs if c != "inference.json"]
+    train_configs = [c.strip() for c in conf.get("train_configs", ",".join(["train.json", *extra])).split(",") if c.strip()]
+    try:
+        mc_samples = int(conf.get("mc_samples", 8))
+    except ValueError as e:
+        raise ValueError(f"--conf mc_samples must be an integer: {e}") from e
     return {
         "models": models,
         "bundle_root": os.path.abspath(conf.get("bundle_root") or os.path.join(REPO_ROOT, "bundle")),
         "model_path": conf.get("model_path") or None,
-        "configs": [c.strip() for c in conf.get("bundle_configs", "inference.json").split(",") if c.strip()],
+        "configs": configs,
+        "train_configs": train_configs,
         "overrides": overrides,
+        "mc_samples": mc_samples,
+        "auto_update_scoring": _flag(conf, "auto_update_scoring", False),
     }
 
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.options = parse_conf(conf)
+        self.layout = None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
             conf=conf,
             name="BraTS brain tumour segmentation (MONAI Bundle)",
-            description="Serves the repo's bundle; studies are 4D MSD NIfTI (FLAIR, T1w, t1gd, T2w)",
+            description="Swin-UNETR + attention/SE from the repo's MONAI Bundle; studies are BraTS cases (4 MRI modalities)",
             version=monailabel.__version__,
         )
+        # MONAI Label re-scores every image at start-up and after each /activelearning call unless told
+        # not to; MC-dropout scoring of a whole dataset is minutes of CPU, so it is opt-in here.
+        self._auto_update_scoring = self.options["auto_update_scoring"]
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        datastore, self.layout = open_datastore(
+            self.studies,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+        logger.info(f"Studies {self.studies}: {type(datastore).__name__}, {self.layout.name} layout, {len(datastore.list_images())} images")
+        return datastore
+
+    def _overrides(self) -> dict:
+        """Bundle overrides: the studies' layout (channel order, label convention), then the user's."""
+        layout = {}
+        if self.layout is not None:
+            layout = {"layout": f"$brats.Layout({self.layout.name!r}, {self.layout.suffixes!r}, {self.layout.separator!r}, {tuple(self.layout.channel_index)!r})"}
+        return {**layout, **self.options["overrides"]}
 
     def init_infers(self) -> Dict[str, InferTask]:
         o = self.options
         infers: Dict[str, InferTask] = {}
         if "brats" in o["models"]:
-            task = BraTSBundleInfer(o["bundle_root"], o["configs"], o["overrides"], o["model_path"])
+            task = BraTSBundleInfer(o["bundle_root"], o["configs"], self._overrides(), o["model_path"])
             if not task.has_weights:
-                logger.warning(f"Model 'brats': no weights at {task.model_path}; listed in /info, inference refused")
+                logger.warning(f"Model 'brats': no weights at {task.model_path}; listed in /info, inference refused until trained")
             infers["brats"] = task
         return infers
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        o = self.options
+        if "brats" not in o["models"]:
+            return {}
+        return {"brats": BraTSBundleTrain(o["bundle_root"], o["train_configs"], self._overrides(), o["model_path"])}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {
+            "random": Random(),
+            "first": First(),
+            "epistemic": Epistemic(key="epistemic_entropy", desc="Unlabelled image with the highest MC-dropout epistemic uncertainty"),
+        }
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        task = self._infers.get("brats")
+        return {"epistemic": EpistemicMCDropoutScoring(task, self.options["mc_samples"])} if task else {}
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's ``infer``, with the image id checked (HTTP 400/404) and resolved to the case's
+        network input (a 4D NIfTI or the four modality files of a BraTS case folder)."""
+        datastore = datastore or self.datastore()
+        image = request.get("image")
+        if isinstance(image, str) and os.path.isfile(image) and os.path.dirname(os.path.realpath(image)) == os.path.realpath(tempfile.gettempdir()):
+            return super().infer(request, datastore)  # a file uploaded with the request (stored by the endpoint in the temp dir)
+        if not hasattr(datastore, "model_input"):  # e.g. a DICOMweb datastore
+            return super().infer(request, datastore)
+        image_id = datastore.require_image(image)
+        model_input = datastore.model_input(image_id)
+        save_label = str(request.get("save_label", False)).lower() in ("true", "1")
+        result = super().infer({**request, "image": model_input, "save_label": False}, datastore)
+        if save_label and result.get("file") and not result["params"].get("uncertainty"):
+            tag = request.get("label_tag", "original")
+            result["label"] = datastore.save_label(image_id, result["file"], tag, {"model": request.get("model")})
+            result["tag"] = tag
+        return result

@@ -3,11 +3,22 @@
 Every transform, the network and the inferer come from the bundle's own config parsed with
 ``monai.bundle.ConfigParser``; nothing of the pipeline is re-written here. MONAI Label specifics:
 
-- ``layout`` is overridden (default: ``custom.brats.LAYOUTS['msd']``) because a MONAI Label study
-  is one 4D MSD-style NIfTI a case (FLAIR, T1w, t1gd, T2w), not a dataset folder to detect;
+- ``layout`` is overridden with the studies' layout (``custom.brats.LAYOUTS[...]``): its channel
+  order and label convention, because a MONAI Label study is one case, not a dataset folder;
+- the input is one 4D NIfTI ``(H, W, D, 4)`` or the four 3D modality files of a BraTS case (the
+  app resolves the image id to them);
 - the bundle's ``SaveImaged`` is dropped from ``postprocessing``; the label map (1, H, W, D) is
   squeezed to (H, W, D) uint8 and handed to MONAI Label's writer;
 - labels shown to Slicer/OHIF are the parsed ``label_convention``'s names and values.
+
+Per-request options (``params`` of ``POST /infer/<model>``):
+
+- ``crf`` (bool, default: the bundle's ``use_crf``): run the bundle's dense-CRF step or skip it;
+- ``uncertainty`` (bool, default false): return, instead of the label map, the voxel-wise
+  Monte-Carlo-dropout epistemic uncertainty (mutual information between prediction and dropout
+  mask, summed over TC/WT/ET, nats, float32 NIfTI in the image's grid) of ``mc_samples`` (default
+  8, 2..64) dropout draws; the label volumes in the JSON then come from the MC-mean prediction and
+  the JSON adds ``uncertainty`` summary statistics.
 
 Not thread-safe on its own (one parser, cached transform instances, needed so the ``Invertd`` in
 ``postprocessing`` finds the very ``preprocessing`` objects that ran): requests are serialised
@@ -19,40 +30,43 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
+from functools import partial
 from typing import Any, Callable, Sequence
 
+import nibabel as nib
 import numpy as np
-from monai.bundle import ConfigParser
+import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import CastToTyped, Compose, SaveImaged, SqueezeDimd
+from monai.transforms import CastToTyped, Compose, Invertd, SaveImaged, SqueezeDimd
+from monai.utils import convert_to_numpy
 
+from custom.crf import DenseCRFd
 from custom.metrics import region_volumes_ml
+from custom.uncertainty import mc_uncertainty, mean_logit
+from lib.bundle_config import load_bundle_config
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OVERRIDES = {"layout": "$brats.LAYOUTS['msd']"}
+MC_SAMPLES = 8
+MAX_MC_SAMPLES = 64
+# Display colours (RGB 0-255) by label meaning, BraTS-paper style; Slicer colours segments by name
+# from its own GenericAnatomyColors table, other clients can read `label_colors` from /info.
+COLOURS = {"ncr": (255, 255, 0), "ed": (0, 200, 0), "et": (220, 0, 0)}
 
 
-def load_bundle_config(bundle_root: str, configs: Sequence[str], overrides: dict | None) -> ConfigParser:
-    """Parse ``bundle_root/configs/<configs...>`` (merged in order), then apply ``overrides``."""
-    paths = [os.path.join(bundle_root, "configs", c) for c in configs]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"bundle config file(s) not found: {missing}")
-    parser = ConfigParser()
-    parser.read_config(paths)
-    parser["bundle_root"] = bundle_root
-    for k, v in {**DEFAULT_OVERRIDES, **(overrides or {})}.items():
-        parser[k] = v
-    return parser
+def truthy(value: Any) -> bool:
+    """Request/config flags arrive as bools, numbers or strings ('true', 'false', '1', '0')."""
+    return str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
 class BraTSBundleInfer(BasicInferTask):
-    """``POST /infer/<model>``: the bundle's inference pipeline on one 4D MSD NIfTI study."""
+    """``POST /infer/<model>``: the bundle's inference pipeline on one BraTS case."""
 
     def __init__(
         self,
@@ -66,6 +80,9 @@ class BraTSBundleInfer(BasicInferTask):
         self.configs = list(configs)
         self.overrides = dict(overrides or {})
         self.parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)
+        # The CRF stays in the parsed post-processing; requests drop it when they do not want it.
+        self.default_crf = truthy(self.parser["use_crf"])
+        self.parser["use_crf"] = True
         self._lock = threading.RLock()
 
         model_path = os.path.abspath(model_path or os.path.join(self.bundle_root, "models", "model.pt"))
@@ -73,8 +90,10 @@ class BraTSBundleInfer(BasicInferTask):
         self.has_weights = os.path.isfile(model_path)
 
         network = self.parser.get_parsed_content("network_def", instantiate=True)
-        convention = self.parser.get_parsed_content("label_convention")
-        labels = {name: int(value) for value, name in sorted(convention.names.items())}
+        self.convention = self.parser.get_parsed_content("label_convention")
+        labels = {name: int(value) for value, name in sorted(self.convention.names.items())}
+        meaning = {self.convention.ncr: "ncr", self.convention.ed: "ed", self.convention.et: "et"}
+        self.label_colors = {name: list(COLOURS[meaning[value]]) for name, value in labels.items()}
 
         description = "BraTS tumour segmentation (MONAI Bundle)"
         metadata_path = os.path.join(self.bundle_root, "configs", "metadata.json")
@@ -96,36 +115,54 @@ class BraTSBundleInfer(BasicInferTask):
             dimension=3,
             description=description,
             load_strict=True,
-            config={
-                "bundle_root": self.bundle_root,
-                "bundle_configs": ",".join(self.configs),
-                "model_path": model_path,
-                "weights": "present" if self.has_weights else "missing",
-                "label_convention": convention.name,
-                "input": "one 4D NIfTI (H, W, D, 4), MSD channel order FLAIR, T1w, t1gd, T2w",
-            },
+            config={"crf": self.default_crf},  # options 3D Slicer shows for this model
             **kwargs,
         )
 
     def is_valid(self) -> bool:
-        # Listed in /info even without weights (the description/config say so); inference refuses.
+        # Listed in /info even without weights (the description says so); inference refuses.
         return True
 
     def info(self) -> dict[str, Any]:
         i = super().info()
         i["version"] = self.version
+        i["label_colors"] = self.label_colors
+        i["bundle"] = {
+            "bundle_root": self.bundle_root,
+            "bundle_configs": ",".join(self.configs),
+            "model_path": self.model_path,
+            "weights": "present" if os.path.isfile(self.model_path) else "missing",
+            "label_convention": self.convention.name,
+            "request_options": {"crf": "bool", "uncertainty": "bool", "mc_samples": f"int 2..{MAX_MC_SAMPLES}"},
+        }
         return i
 
     def __call__(self, request, callbacks=None):
+        request = dict(request)
+        request["crf"] = truthy(request.get("crf", self.default_crf))
+        request["uncertainty"] = truthy(request.get("uncertainty", False))
+        if request["uncertainty"]:
+            request["mc_samples"] = self._mc_samples(request)
+        request.setdefault("result_extension", ".nii.gz")
         with self._lock:
             return super().__call__(request, callbacks)
+
+    @staticmethod
+    def _mc_samples(request) -> int:
+        try:
+            n = int(request.get("mc_samples", MC_SAMPLES))
+        except (TypeError, ValueError):
+            n = -1
+        if not 2 <= n <= MAX_MC_SAMPLES:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"mc_samples must be an integer in 2..{MAX_MC_SAMPLES}, got {request.get('mc_samples')!r}")
+        return n
 
     def _get_network(self, device, data):
         self.has_weights = os.path.isfile(self.model_path)
         if not self.has_weights:
             raise MONAILabelException(
                 MONAILabelError.INFERENCE_ERROR,
-                f"No model weights at {self.model_path}: train the bundle or pass --conf model_path PATH",
+                f"No model weights at {self.model_path}: train the bundle (POST /train/<model>) or pass --conf model_path PATH",
             )
         return super()._get_network(device, data)
 
@@ -138,8 +175,7 @@ class BraTSBundleInfer(BasicInferTask):
 
     def run_pre_transforms(self, data, transforms):
         # BasicInferTask puts the study path under "image_path"; MONAI 1.6's Spacingd then calls
-        # .update() on every "image_*" key of the dict and fails on that str. Hide it meanwhile
-        # (the writer needs it afterwards for the output file's extension).
+        # .update() on every "image_*" key of the dict and fails on that str. Hide it meanwhile.
         image_path = data.pop("image_path", None)
         data = super().run_pre_transforms(data, transforms)
         if image_path is not None:
@@ -149,15 +185,73 @@ class BraTSBundleInfer(BasicInferTask):
     def inferer(self, data=None) -> Inferer:
         return self.parser.get_parsed_content("inferer", instantiate=True)
 
-    def writer(self, data, extension=None, dtype=None):
-        """MONAI Label's writer, plus the predicted region volumes in mL (``volumes_ml``: TC, WT, ET)."""
-        result_file, result_json = super().writer(data, extension=extension, dtype=dtype)
-        pred = data["pred"]
-        affine = pred.affine if hasattr(pred, "affine") else np.eye(4)
-        convention = self.parser.get_parsed_content("label_convention")
-        return result_file, {**(result_json or {}), "volumes_ml": region_volumes_ml(pred, affine, convention)}
+    def mc_dropout(self, data: dict, device: str, samples: int) -> dict:
+        """MC-dropout pass on pre-processed ``data``: ``pred`` = logit of the mean probability
+        ``(3, H, W, D)``, ``uncertainty_map`` = voxel mutual information ``(1, H, W, D)`` (nats), and
+        ``predictive_entropy`` ``(1, H, W, D)``, all on the pre-processed grid."""
+        network = self._get_network(device, data)
+        image = data[self.input_key]
+        inputs = (image if torch.is_tensor(image) else torch.as_tensor(image))[None].to(torch.device(device))
+        with torch.no_grad():
+            logits = self.inferer(data)(inputs, partial(network.forward_mc, samples=samples))
+        u = mc_uncertainty(torch.as_tensor(logits), samples)
+        meta = {"affine": image.affine} if isinstance(image, MetaTensor) else {}
+        data[self.output_label_key] = MetaTensor(mean_logit(u["mean_prob"])[0], **meta)
+        data["uncertainty_map"] = MetaTensor(u["mutual_information"][0].float(), **meta)
+        data["predictive_entropy"] = MetaTensor(u["predictive_entropy"][0].float(), **meta)
+        return data
+
+    def epistemic_score(self, image, device: str, samples: int) -> dict[str, float]:
+        """Mean voxel mutual information and predictive entropy (nats) over the brain of one case.
+
+        ``image``: a 4D NIfTI path or the case's four modality paths (canonical order)."""
+        with self._lock:
+            data = self.run_pre_transforms({"image": image}, self.pre_transforms())
+            data = self.mc_dropout(data, device, samples)
+        brain = (data[self.input_key] != 0).any(dim=0, keepdim=True).cpu()
+        if not brain.any():
+            brain = torch.ones_like(brain)
+        return {k: float(data[key].cpu()[brain].mean()) for k, key in (("mutual_information", "uncertainty_map"), ("predictive_entropy", "predictive_entropy"))}
+
+    def run_inferer(self, data, convert_to_batch=True, device="cuda"):
+        if not data.get("uncertainty"):
+            return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        return self.mc_dropout(data, device, data["mc_samples"])
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
+        data = data or {}
         post = [t for t in self._transforms("postprocessing") if not isinstance(t, SaveImaged)]
+        if not data.get("crf", self.default_crf):
+            post = [t for t in post if not isinstance(t, DenseCRFd)]
+        if data.get("uncertainty"):
+            invert = next(t for t in post if isinstance(t, Invertd))
+            post.insert(post.index(invert) + 1, Invertd(keys="uncertainty_map", transform=invert.transform, orig_keys=invert.orig_keys, nearest_interp=False, to_tensor=True))
         # (1, H, W, D) label map in the image's grid -> (H, W, D) uint8 for MONAI Label's writer.
         return post + [SqueezeDimd(keys="pred", dim=0), CastToTyped(keys="pred", dtype=np.uint8)]
+
+    def writer(self, data, extension=None, dtype=None):
+        """MONAI Label's writer, plus the predicted region volumes in mL (``volumes_ml``: TC, WT, ET)
+        whether the CRF ran (``crf``) and the modification time of the weights used (``weights_mtime``); with ``uncertainty`` the file written is the uncertainty map
+        and ``uncertainty`` summarises it."""
+        pred = data["pred"]
+        affine = np.asarray(pred.affine) if isinstance(pred, MetaTensor) else np.eye(4)
+        extra = {
+            "volumes_ml": region_volumes_ml(pred, affine, self.convention),
+            "crf": bool(data.get("crf")),
+            "weights_mtime": (self._networks.get(data.get("device")) or (None, None))[1],  # which weights answered
+        }
+        if not data.get("uncertainty"):
+            result_file, result_json = super().writer(data, extension=extension, dtype=dtype)
+            return result_file, {**(result_json or {}), **extra}
+        u = convert_to_numpy(data["uncertainty_map"])[0].astype(np.float32)
+        brain = u[convert_to_numpy(pred) > 0] if (pred > 0).any() else u
+        extra["uncertainty"] = {
+            "measure": "MC-dropout mutual information, summed over TC/WT/ET (nats)",
+            "mc_samples": int(data["mc_samples"]),
+            "mean": float(u.mean()),
+            "max": float(u.max()),
+            "mean_in_predicted_tumour": float(brain.mean()),
+        }
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        nib.save(nib.Nifti1Image(u, affine), out)
+        return out, {**extra}

@@ -40,6 +40,7 @@ import monai.bundle
 import torch
 from monai.bundle import ConfigParser
 
+from lib.bundle_config import DEFAULT_OVERRIDES, load_bundle_config
 from monailabel.config import settings
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
@@ -48,25 +49,6 @@ from monailabel.utils.others.generic import name_to_device
 logger = logging.getLogger(__name__)
 
 _EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*)?(?:Error|Exception): .*)$")
-
-# A MONAI Label study is one 4D MSD-style NIfTI (FLAIR, T1w, t1gd, T2w), as in the infer task.
-DEFAULT_OVERRIDES = {"layout": "$brats.LAYOUTS['msd']"}
-
-
-def load_bundle_config(bundle_root: str, configs: Sequence[str], overrides: dict) -> ConfigParser:
-    """``<bundle_root>/configs/<configs...>`` merged in order, then ``bundle_root`` and ``overrides``
-    (what the infer task does; kept here so that training does not depend on the infer module)."""
-    paths = [os.path.join(bundle_root, "configs", c) for c in configs]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"bundle config file(s) not found: {missing}")
-    parser = ConfigParser()
-    parser.read_config(paths)
-    parser["bundle_root"] = bundle_root
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser
-
 
 def _flag(value: Any) -> bool:
     """A request boolean (JSON true/false, or a string from a form)."""
@@ -159,7 +141,11 @@ class BraTSBundleTrain(BundleTrainTask):
             "val_interval": max(1, min(val_interval, epochs)),
             "device": f"$torch.device({str(device)!r})",  # an expression: the config is exported as JSON
         }
-        if _flag(request.get("pretrained", True)) and os.path.isfile(self.model_path):
+        fine_tune = _flag(request.get("pretrained", True)) and os.path.isfile(self.model_path)
+        # The lr warm-up starts at 0: a short fine-tune would barely move trained weights, so none
+        # for fine-tuning; from scratch, at most epochs - 1 warm-up epochs.
+        overrides["warmup_epochs"] = 0 if fine_tune else min(int(parser.get_parsed_content("warmup_epochs")), epochs - 1)
+        if fine_tune:
             logger.info(f"Fine-tuning from {self.model_path}")
             loader = {"_target_": "CheckpointLoader", "load_path": self.model_path, "load_dict": {"model": "@network"},
                       "map_location": "@device", "strict": self.load_strict}

@@ -1,0 +1,3 @@
+from .brats import BraTSDatastore, CheckedLocalDatastore, open_datastore
+
+__all__ = ["BraTSDatastore", "CheckedLocalDatastore", "open_datastore"]

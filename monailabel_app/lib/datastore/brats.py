@@ -1,0 +1,384 @@
+"""MONAI Label datastores for BraTS studies: checked label uploads, atomic writes, read-only datasets.
+
+Two flavours, chosen by :func:`open_datastore` from what ``--studies`` holds:
+
+- :class:`CheckedLocalDatastore`: MONAI Label's ``LocalDatastore`` over a flat folder of 4D NIfTI
+  images (MSD Task01 style, one ``(H, W, D, 4)`` file a case; image id = file name without
+  ``.nii.gz``);
+- :class:`BraTSDatastore`: a dataset folder that ``custom.brats`` detects (BraTS 2021 or 2023 case
+  folders, or an MSD Task01 folder with ``dataset.json``). Image id = case id. The dataset is never
+  written: a case's segmentation file (``*_seg.nii.gz``, ``labelsTr/``) counts as its ``final``
+  label until a client saves one, and saved labels go to ``<studies>/labels/<tag>/<id>.nii.gz``
+  like MONAI Label's own datastore.
+
+What a client downloads for an image (``GET /datastore/image``) is one 3D NIfTI file that 3D Slicer
+opens as a scalar volume: the FLAIR of a per-modality case (the sequence annotators draw on; the
+other three modalities stay on the server and are read by the inference and training tasks), the
+4D file itself for MSD images (Slicer shows it as a 4-frame volume sequence / its first channel).
+
+Both check every label a client saves (``PUT /datastore/label``) before it is stored: a NIfTI
+file, 3D ``(H, W, D)`` (a trailing singleton dimension is accepted), in the image's grid (same
+shape, affine within 1e-3 mm) and with integer values of the dataset's label convention; a label
+that fails gets HTTP 422 (415 if not NIfTI), naming what is wrong. The header is checked before the
+voxels are read, so a huge upload with a wrong shape is refused without loading it. Labels and the
+``datastore_v2.json`` metadata are written to a temporary file in the destination folder and
+renamed over the destination (atomic on POSIX): a server killed mid-save leaves the old label or
+the new one, never half a file. Image and label ids and tags are restricted to file-name-safe
+characters (no ``/``, ``..``, NUL), so no request reaches outside the datastore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import nibabel as nib
+import numpy as np
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from custom.brats import BraTSCase, BraTSDataError, LabelConvention, Layout, check_label_values, detect_layout, list_cases
+
+logger = logging.getLogger(__name__)
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LABEL_SUFFIXES = (".nii.gz", ".nii")
+
+
+def check_id(value: Any, what: str = "image id") -> str:
+    """``value`` if it is a safe id (letters, digits, ``._-``, at most 128 characters, no ``..``); else HTTP 400."""
+    if not isinstance(value, str) or not SAFE_ID.match(value) or ".." in value:
+        shown = repr(value)[:80]
+        raise HTTPException(
+            status_code=400,
+            detail=f"invalid {what} {shown}: use 1-128 letters, digits, '.', '_' or '-' (no path separators, no '..')",
+        )
+    return value
+
+
+def atomic_copy(src: str, dest: str) -> None:
+    """Copy ``src`` to ``dest`` through a temporary file in ``dest``'s folder, fsync'd, then renamed."""
+    folder = os.path.dirname(dest)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def label_suffix(filename: str) -> str:
+    """``.nii.gz`` or ``.nii`` of an uploaded label's name; HTTP 415 for anything else."""
+    for suffix in LABEL_SUFFIXES:
+        if filename.endswith(suffix):
+            return suffix
+    raise HTTPException(status_code=415, detail=f"labels must be NIfTI files (.nii.gz or .nii), got {os.path.basename(filename)!r}")
+
+
+def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: LabelConvention, where: str) -> None:
+    """Refuse (HTTP 422/415) a label file that is not a NIfTI label map of ``convention`` in the grid ``shape``/``affine``."""
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises several types for non-NIfTI / truncated headers
+        raise HTTPException(status_code=415, detail=f"{where}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise HTTPException(status_code=415, detail=f"{where}: not a NIfTI image ({type(img).__name__})")
+    lshape = tuple(int(s) for s in img.shape)
+    if len(lshape) == 4 and lshape[3] == 1:
+        lshape = lshape[:3]
+    if len(lshape) != 3:
+        raise HTTPException(status_code=422, detail=f"{where}: a label must be a 3D (H, W, D) map, got shape {lshape}")
+    if lshape != tuple(shape):
+        raise HTTPException(status_code=422, detail=f"{where}: label shape {lshape} does not match the image's {tuple(shape)}")
+    if not np.allclose(img.affine, affine, atol=1e-3):
+        raise HTTPException(
+            status_code=422,
+            detail=f"{where}: label affine does not match the image's (different voxel size, orientation or origin):\n"
+            f"{np.array2string(img.affine, precision=3)}\nvs image\n{np.array2string(affine, precision=3)}",
+        )
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # truncated / corrupt voxel data
+        raise HTTPException(status_code=422, detail=f"{where}: cannot read the label voxels ({type(e).__name__}: {e})") from e
+    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+        raise HTTPException(status_code=422, detail=f"{where}: label values must be integers (found non-integer or NaN values)")
+    try:
+        check_label_values(data, convention, where)
+    except BraTSDataError as e:
+        raise HTTPException(status_code=422, detail=str(e)) from e
+
+
+class CheckedLocalDatastore(LocalDatastore):
+    """MONAI Label's ``LocalDatastore`` (flat folder of 4D NIfTI images) with checked, atomic label saves.
+
+    Images already in the folder are never deleted or overwritten through the API (HTTP 403/409).
+    """
+
+    def __init__(self, studies: str, convention: LabelConvention, **kwargs):
+        self.convention = convention
+        super().__init__(studies, **kwargs)
+
+    # -- what the inference / training tasks read -------------------------------------------------
+    def model_input(self, image_id: str) -> str | list[str]:
+        """The network input of ``image_id``: a 4D NIfTI path (or four 3D paths, see BraTSDatastore)."""
+        return self.get_image_uri(self.require_image(image_id))
+
+    def require_image(self, image_id: Any) -> str:
+        """``image_id`` if valid and known; HTTP 400 / 404 otherwise."""
+        check_id(image_id)
+        if image_id not in self._datastore.objects:
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (GET /datastore/?output=all lists the images)")
+        return image_id
+
+    def image_grid(self, image_id: str) -> tuple[tuple, np.ndarray]:
+        """Spatial shape ``(H, W, D)`` and affine of the image the labels of ``image_id`` must match."""
+        img = nib.load(self.get_image_uri(image_id))
+        return tuple(int(s) for s in img.shape[:3]), img.affine
+
+    # -- writes ------------------------------------------------------------------------------------
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        self.require_image(image_id)
+        check_id(label_tag, "label tag")
+        suffix = label_suffix(label_filename)
+        shape, affine = self.image_grid(image_id)
+        check_label_file(label_filename, shape, affine, self.convention, f"label for image {image_id!r}")
+
+        label_path = self._datastore.label_path(label_tag)
+        name = image_id + suffix
+        with FileLock(self._lock_file):
+            self._reload_locked()
+            for other in LABEL_SUFFIXES:  # one file per (image, tag): drop a previous one with the other suffix
+                stale = os.path.join(label_path, image_id + other)
+                if other != suffix and os.path.exists(stale):
+                    os.remove(stale)
+            atomic_copy(label_filename, os.path.join(label_path, name))
+            info = dict(label_info or {})
+            info.update(ts=int(time.time()), name=name)
+            self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=suffix)
+            self._update_datastore_file(lock=False)
+        logger.info(f"Saved label {label_tag!r} of {image_id!r} -> {os.path.join(label_path, name)}")
+        return image_id
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        suffix = label_suffix(image_filename)
+        image_id = check_id(image_id or os.path.basename(image_filename)[: -len(suffix)])
+        if image_id in self._datastore.objects:
+            raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; images are never overwritten")
+        try:
+            img = nib.load(image_filename)
+        except Exception as e:
+            raise HTTPException(status_code=415, detail=f"image {image_id!r}: not a readable NIfTI file ({e})") from e
+        if len(img.shape) != 4 or img.shape[3] != 4:
+            raise HTTPException(status_code=422, detail=f"image {image_id!r}: expected a 4D (H, W, D, 4) NIfTI, got shape {img.shape}")
+        return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        raise HTTPException(status_code=403, detail="images are part of the studies folder and are not deleted through the API")
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        self.require_image(label_id)
+        check_id(label_tag, "label tag")
+        super().remove_label(label_id, label_tag)
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        self.require_image(image_id)
+        with FileLock(self._lock_file):
+            self._reload_locked()  # another process (scoring, training) may have written it
+            self._datastore.objects[image_id].image.info.update(info)
+            self._update_datastore_file(lock=False)
+
+    # Reads see what other processes wrote (MONAI Label runs training and scoring in subprocesses).
+    def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        self._init_from_datastore_file()
+        return super().get_image_info(image_id)
+
+    def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
+        self._init_from_datastore_file()
+        return super().get_labeled_images(label_tag, labels)
+
+    def get_unlabeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
+        self._init_from_datastore_file()
+        return super().get_unlabeled_images(label_tag, labels)
+
+    def json(self):
+        self._init_from_datastore_file()
+        return super().json()
+
+    def _reload_locked(self):
+        """Re-read ``datastore_v2.json`` if another process changed it (caller holds the file lock:
+        ``_init_from_datastore_file`` would take it again with a second FileLock and deadlock)."""
+        if os.path.exists(self._datastore_config_path):
+            ts = os.stat(self._datastore_config_path).st_mtime
+            if ts != self._config_ts:
+                with open(self._datastore_config_path) as f:
+                    self._datastore = LocalDatastoreModel.model_validate_json(f.read())
+                self._datastore.base_path = self._datastore_path
+                self._config_ts = ts
+
+    def _update_datastore_file(self, lock=True):
+        def write():
+            self._ignore_event_config = True
+            atomic_write_text(self._datastore_config_path, json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+
+class BraTSDatastore(CheckedLocalDatastore):
+    """A BraTS / MSD dataset folder as a read-only MONAI Label datastore; labels saved beside it in ``labels/``."""
+
+    def __init__(self, studies: str, layout: Layout, **kwargs):
+        self.layout = layout
+        self._cases: dict[str, BraTSCase] = {}
+        super().__init__(studies, convention=layout.convention, extensions=("*.nii.gz", "*.nii"), **kwargs)
+        if not self._cases:  # LocalDatastore skips reconciling in read-only mode; the case list is needed
+            self._reconcile_datastore()
+
+    def case(self, image_id: str) -> BraTSCase:
+        self.require_image(image_id)
+        return self._cases[image_id]
+
+    def model_input(self, image_id: str) -> str | list[str]:
+        images = self.case(image_id).images
+        return list(images) if len(images) > 1 else images[0]
+
+    def get_image_uri(self, image_id: str) -> str:
+        c = self._cases.get(image_id)
+        if c is None:
+            return ""
+        return c.images[3] if len(c.images) == 4 else c.images[0]  # FLAIR (canonical order T1, T1ce, T2, FLAIR)
+
+    def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        info = super().get_image_info(image_id)
+        if image_id in self._cases:
+            info["path"] = self.get_image_uri(image_id)
+            info["modalities"] = list(self._cases[image_id].images)
+        return info
+
+    def image_grid(self, image_id: str) -> tuple[tuple, np.ndarray]:
+        img = nib.load(self.get_image_uri(image_id))
+        return tuple(int(s) for s in img.shape[:3]), img.affine
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        label = self._datastore.label(label_id, label_tag)
+        if label is None:
+            return ""
+        if label.info.get("original"):
+            return self._cases[label_id].label or ""
+        return str(os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id + label.ext)))
+
+    def datalist(self, full_path=True) -> List[Dict[str, Any]]:
+        return [
+            {"image": self.model_input(i), "label": self.get_label_uri(i, DefaultLabelTag.FINAL)}
+            for i, obj in sorted(self._datastore.objects.items())
+            if obj.labels.get(DefaultLabelTag.FINAL)
+        ]
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        raise HTTPException(status_code=405, detail=f"{self.layout.name} dataset: add case folders on disk, not through the API")
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        label = self._datastore.label(self.require_image(label_id), check_id(label_tag, "label tag"))
+        if label is not None and label.info.get("original"):
+            raise HTTPException(status_code=403, detail=f"the {label_tag} label of {label_id!r} is the dataset's own segmentation file; it is not deleted")
+        super().remove_label(label_id, label_tag)
+
+    def get_dataset_archive(self, limit_cases: Optional[int]) -> str:
+        items = self.datalist()[: limit_cases or None]
+        if not items:
+            raise HTTPException(status_code=404, detail="no labelled case to archive")
+        with tempfile.NamedTemporaryFile(suffix=".zip", delete=False) as f:
+            with zipfile.ZipFile(f, mode="w") as archive:
+                for item in items:
+                    case_id = Path(item["label"]).name.split(".")[0]
+                    for path in ([item["image"]] if isinstance(item["image"], str) else item["image"]) + [item["label"]]:
+                        archive.write(path, arcname=os.path.join(case_id, os.path.basename(path)))
+            return f.name
+
+    def _reconcile_datastore(self):
+        """Rebuild the image list from the dataset's cases and the label list from ``labels/<tag>/`` + segmentation files."""
+        self._init_from_datastore_file()
+        try:
+            cases = {c.case_id: c for c in list_cases(self._datastore_path, check="none")}
+        except BraTSDataError as e:
+            logger.error(f"datastore not refreshed: {e}")
+            if self._cases:
+                return
+            raise
+        self._cases = cases
+        objects = self._datastore.objects
+        labels_dir = self._datastore.label_path(None)
+        tags = sorted(t for t in os.listdir(labels_dir) if os.path.isdir(os.path.join(labels_dir, t)) and SAFE_ID.match(t))
+        changed = False
+        for image_id in [i for i in objects if i not in cases]:
+            del objects[image_id]
+            changed = True
+        for image_id, case in cases.items():
+            obj = objects.get(image_id)
+            if obj is None:
+                obj = objects[image_id] = ImageLabelModel(image=DataModel(ext="", info={"ts": int(time.time()), "name": image_id}))
+                changed = True
+            labels: dict[str, DataModel] = {}
+            for tag in tags:
+                for suffix in LABEL_SUFFIXES:
+                    if os.path.isfile(os.path.join(labels_dir, tag, image_id + suffix)):
+                        old = obj.labels.get(tag)
+                        keep = old is not None and old.ext == suffix and not old.info.get("original")
+                        labels[tag] = old if keep else DataModel(ext=suffix, info={"ts": int(time.time()), "name": image_id + suffix})
+                        break
+            if DefaultLabelTag.FINAL not in labels and case.label is not None:
+                old = obj.labels.get(DefaultLabelTag.FINAL)
+                keep = old is not None and old.info.get("original")
+                labels[DefaultLabelTag.FINAL] = old if keep else DataModel(ext="", info={"original": True, "name": os.path.basename(case.label)})
+            if labels != obj.labels:
+                obj.labels = labels
+                changed = True
+        if changed:
+            self._update_datastore_file()
+
+
+def open_datastore(studies: str, **kwargs) -> tuple[CheckedLocalDatastore, Layout]:
+    """The datastore for ``studies`` and the layout its images follow (``msd`` channel order for a flat 4D folder)."""
+    from custom.brats import LAYOUTS
+
+    try:
+        layout = detect_layout(studies)
+    except BraTSDataError:
+        layout = None
+    if layout is None:
+        return CheckedLocalDatastore(studies, convention=LAYOUTS["msd"].convention, **kwargs), LAYOUTS["msd"]
+    return BraTSDatastore(studies, layout, **kwargs), layout

@@ -1,0 +1,3 @@
+from .mc_dropout import EpistemicMCDropoutScoring
+
+__all__ = ["EpistemicMCDropoutScoring"]
