@@ -325,6 +325,31 @@ def test_brats_layout_datastore(brats_server):
     assert requests.delete(f"{url}/datastore/image", params={"id": case}, timeout=60).status_code == 403
 
 
+def test_slicer_segment_indices_are_mapped_to_label_values(brats_server):
+    """3D Slicer's module uploads segment positions 1..N plus `label_info` names (BraTS 2021 ET is 4, not 3)."""
+    case = "BraTS2021_00001"
+    flair = nib.load(brats_server["studies"] / case / f"{case}_flair.nii.gz")
+    exported = np.zeros(flair.shape, np.uint8)
+    exported[10:20, 10:20, 10:20] = 1  # necrotic core
+    exported[20:25, 10:20, 10:20] = 2  # oedema
+    exported[25:30, 10:20, 10:20] = 3  # enhancing: Slicer's 3rd segment
+    path = brats_server["tmp"] / "slicer_export.nii.gz"
+    nib.save(nib.Nifti1Image(exported, flair.affine), path)
+    segments = [{"name": "necrotic tumour core", "idx": 1}, {"name": "peritumoral oedema", "idx": 2}, {"name": "enhancing tumour", "idx": 3}]
+
+    def put(info):
+        with open(path, "rb") as f:
+            return requests.put(f"{brats_server['url']}/datastore/label", params={"image": case, "tag": "final"},
+                                data={"params": json.dumps({"label_info": info})}, files={"label": (path.name, f)}, timeout=60)
+
+    assert put([{"name": "Segment_1", "idx": 1}, *segments[1:]]).status_code == 422  # not a label name
+    assert put(segments[:2]).status_code == 422  # value 3 unaccounted for
+    assert put(segments).status_code == 200
+    stored = np.asarray(nib.load(brats_server["studies"] / "labels" / "final" / f"{case}.nii.gz").dataobj)
+    expected = np.where(exported == 3, 4, exported)
+    np.testing.assert_array_equal(stored, expected)
+
+
 def test_brats_layout_infer_uses_all_four_modalities(brats_server):
     info = requests.get(f"{brats_server['url']}/info/", timeout=10).json()
     labels = info["models"][MODEL]["labels"]

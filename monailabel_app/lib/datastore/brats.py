@@ -105,8 +105,35 @@ def label_suffix(filename: str) -> str:
     raise HTTPException(status_code=415, detail=f"labels must be NIfTI files (.nii.gz or .nii), got {os.path.basename(filename)!r}")
 
 
-def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: LabelConvention, where: str) -> None:
-    """Refuse (HTTP 422/415) a label file that is not a NIfTI label map of ``convention`` in the grid ``shape``/``affine``."""
+def remap_segments(data: np.ndarray, segments: list, convention: LabelConvention, where: str) -> np.ndarray:
+    """Map 3D Slicer's exported segment indices to ``convention``'s values by segment name.
+
+    Slicer's MONAI Label module writes segment *positions* (1..N) and sends ``label_info`` =
+    ``[{"name": ..., "idx": ...}, ...]``; names must be the model's label names (HTTP 422 otherwise)."""
+    values = {name: value for value, name in convention.names.items()}
+    out = np.zeros(data.shape, np.uint8)
+    seen = set()
+    for seg in segments:
+        name, idx = (seg.get("name"), seg.get("idx")) if isinstance(seg, dict) else (None, None)
+        if name not in values or not isinstance(idx, int) or idx in seen:
+            raise HTTPException(
+                status_code=422,
+                detail=f"{where}: label_info entry {seg!r} does not name one of the labels {sorted(values)} with a unique integer 'idx' "
+                f"(rename the segment to a label name)",
+            )
+        seen.add(idx)
+        out[data == idx] = values[name]
+    unmapped = sorted(set(np.unique(data).tolist()) - seen - {0})
+    if unmapped:
+        raise HTTPException(status_code=422, detail=f"{where}: label values {unmapped[:10]} have no entry in label_info {segments!r}")
+    return out
+
+
+def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: LabelConvention, where: str, segments: list | None = None) -> np.ndarray | None:
+    """Refuse (HTTP 422/415) a label file that is not a NIfTI label map of ``convention`` in the grid ``shape``/``affine``.
+
+    With ``segments`` (Slicer's ``label_info``) the values are first mapped by segment name; the
+    mapped ``(H, W, D)`` uint8 map is returned (None without ``segments``: the file is stored as is)."""
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises several types for non-NIfTI / truncated headers
@@ -132,10 +159,13 @@ def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: La
         raise HTTPException(status_code=422, detail=f"{where}: cannot read the label voxels ({type(e).__name__}: {e})") from e
     if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
         raise HTTPException(status_code=422, detail=f"{where}: label values must be integers (found non-integer or NaN values)")
+    if segments:
+        data = remap_segments(data.reshape(lshape), segments, convention, where)
     try:
         check_label_values(data, convention, where)
     except BraTSDataError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
+    return data if segments else None
 
 
 class CheckedLocalDatastore(LocalDatastore):
@@ -171,8 +201,22 @@ class CheckedLocalDatastore(LocalDatastore):
         check_id(label_tag, "label tag")
         suffix = label_suffix(label_filename)
         shape, affine = self.image_grid(image_id)
-        check_label_file(label_filename, shape, affine, self.convention, f"label for image {image_id!r}")
+        segments = (label_info or {}).get("label_info")  # sent by 3D Slicer's MONAI Label module
+        remapped = check_label_file(label_filename, shape, affine, self.convention, f"label for image {image_id!r}", segments)
+        if remapped is None:
+            self._store_label(image_id, label_filename, label_tag, label_info, suffix)
+            return image_id
+        mapped = label_filename[: -len(suffix)] + ".mapped" + suffix
+        try:
+            nib.save(nib.Nifti1Image(remapped, affine), mapped)
+            self._store_label(image_id, mapped, label_tag, label_info, suffix)
+        finally:
+            if os.path.exists(mapped):
+                os.remove(mapped)
+        return image_id
 
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], suffix: str) -> None:
+        """Copy a checked label into ``labels/<tag>/<id><suffix>`` atomically and record it."""
         label_path = self._datastore.label_path(label_tag)
         name = image_id + suffix
         with FileLock(self._lock_file):
@@ -187,7 +231,6 @@ class CheckedLocalDatastore(LocalDatastore):
             self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=suffix)
             self._update_datastore_file(lock=False)
         logger.info(f"Saved label {label_tag!r} of {image_id!r} -> {os.path.join(label_path, name)}")
-        return image_id
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         suffix = label_suffix(image_filename)
