@@ -1,0 +1,262 @@
+"""BraTS studies as DICOM in a real PACS (Orthanc), the app's DICOMweb datastore, DICOM SEG results, OHIF.
+
+- converter (custom.dicom): a BraTS case -> a four-series MR study; read back with SimpleITK (GDCM)
+  and MONAI ``LoadImage`` (ITK) on the series folder: same voxels at the same world positions,
+  also for oblique, left-handed and float volumes; series-description rules;
+- Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``, installed when missing, started on a free
+  loopback port with the project's config): STOW-RS upload, QIDO-RS listing;
+- the datastore in-process: studies -> images (FLAIR series uid), aliases, HTTP 422 listing the
+  series of a study missing a modality, model input in the original geometry, label -> DICOM SEG ->
+  label round trip;
+- a real ``monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`` with a tiny untrained
+  network: inference on the study with ``save_label``, the DICOM SEG read back from Orthanc and
+  decoded into the image grid equals the NIfTI inference of the same case (uploaded as a 4D file to
+  the same server, crf off);
+- OHIF (``/ohif/`` of that server) in headless Chromium (Debian's ``chromium``, installed when
+  missing): the study list shows the study from Orthanc; screenshot in tests/artifacts/.
+
+Tests needing Orthanc or Chromium are skipped, with the reason, only when the packages are missing
+and cannot be installed (no apt-get, not root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+import SimpleITK as sitk
+
+from custom.brats import BraTSCase, LAYOUTS, MODALITIES
+from custom.dicom import (
+    SERIES_DESCRIPTIONS,
+    DicomConversionError,
+    SeriesMatchError,
+    classify,
+    convert_case,
+    main as dicom_main,
+    match_series,
+    parse_rules,
+    plane_geometry,
+    stow,
+    write_study,
+)
+from custom.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "monailabel_app"
+VENV_BIN = Path(sys.executable).parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+CONFIGS = "inference.json,quick.json"
+OVERRIDES = {"use_crf": False, "spacing": [5.0, 5.0, 5.0], "roi_size": [64, 32, 32], "num_samples": 1, "warmup_epochs": 1}
+MODEL = "brats"
+STARTUP_TIMEOUT = 180
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+sys.path.insert(0, str(APP))  # the app's own `lib` package, as the launcher does
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def read_series(folder) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series folder read with SimpleITK/GDCM -> (array in ITK index order x, y, z; RAS affine)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    img = reader.Execute()
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0), itk_affine(img)
+
+
+def itk_affine(img: sitk.Image) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
+    a[:3, 3] = img.GetOrigin()
+    return RAS_TO_LPS @ a
+
+
+def assert_same_world(arr_a, aff_a, arr_b, aff_b, atol_mm=1e-3, values_atol=0.0):
+    """Volumes ``a`` and ``b`` hold the same values at the same world positions (their grids may
+    differ by axis flips / permutations)."""
+    m = np.linalg.inv(aff_b) @ aff_a  # voxel of a -> voxel of b
+    perm = np.round(m[:3, :3])
+    assert np.allclose(m[:3, :3], perm, atol=1e-4), f"grids are not the same up to flips:\n{aff_a}\n{aff_b}"
+    assert np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=atol_mm), f"grids are shifted by a fraction of a voxel: {m[:3, 3]}"
+    assert np.allclose(aff_b @ m, aff_a, atol=atol_mm)
+    idx = np.indices(arr_a.shape).reshape(3, -1)
+    mapped = (perm @ idx + np.round(m[:3, 3])[:, None]).astype(int)
+    assert all(0 <= mapped[d].min() and mapped[d].max() < arr_b.shape[d] for d in range(3)), "grids do not cover the same voxels"
+    np.testing.assert_allclose(np.asarray(arr_a, np.float64).reshape(-1), np.asarray(arr_b, np.float64)[tuple(mapped)], atol=values_atol)
+    assert arr_a.size == arr_b.size
+
+
+def rotation(angles_deg) -> np.ndarray:
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _case(tmp: Path, name: str, volumes: dict) -> BraTSCase:
+    """A 2023-layout case folder holding ``volumes`` {modality: (array, affine)}."""
+    d = tmp / name
+    d.mkdir(parents=True)
+    paths = []
+    for m, suffix in zip(MODALITIES, LAYOUTS["brats2023"].suffixes):
+        arr, aff = volumes[m]
+        p = d / f"{name}-{suffix}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, aff), p)
+        paths.append(str(p))
+    return BraTSCase(name, tuple(paths), None, LAYOUTS["brats2023"])
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """Two synthetic BraTS 2021 cases (small grid, int16) and a 2023 + an MSD copy of case 0."""
+    root = tmp_path_factory.mktemp("dicom_synth")
+    write_dataset(root / "brats2021", 2, seed=3, layout="2021", size="small")
+    write_dataset(root / "msd", 1, seed=3, layout="msd", size="small")
+    return root
+
+
+# --------------------------------------------------------------------------------------- converter
+
+
+def test_case_to_study_four_series_geometry_and_voxels(synth, tmp_path):
+    case_dir = synth / "brats2021" / "BraTS2021_00000"
+    info = convert_case(case_dir, tmp_path)
+    assert [s.description for s in info.series.values()] == ["T1", "T1ce", "T2", "FLAIR"]
+    assert [s.number for s in info.series.values()] == [1, 2, 3, 4]
+    uids = {s.series_uid for s in info.series.values()}
+    assert len(uids) == 4
+    from monai.transforms import LoadImage
+
+    for m, s in info.series.items():
+        original = nib.load(case_dir / f"BraTS2021_00000_{m}.nii.gz")
+        orig = np.asanyarray(original.dataobj)
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in s.files]
+        assert len(headers) == orig.shape[2]
+        assert {h.StudyInstanceUID for h in headers} == {info.study_uid}
+        assert {h.FrameOfReferenceUID for h in headers} == {info.frame_of_reference_uid}
+        assert {h.SeriesInstanceUID for h in headers} == {s.series_uid}
+        assert {h.SeriesDescription for h in headers} == {SERIES_DESCRIPTIONS[m]} and {h.Modality for h in headers} == {"MR"}
+        h = headers[0]
+        assert [float(x) for x in h.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # BraTS voxel axes point to L, P (LPS +x, +y)
+        assert [float(x) for x in h.PixelSpacing] == [2.5, 2.5] and float(h.SliceThickness) == 2.5
+        # voxel (0, 0, k) of the NIfTI, in LPS
+        for k in (0, orig.shape[2] - 1):
+            ras = original.affine @ [0, 0, k, 1]
+            np.testing.assert_allclose([float(x) for x in headers[k].ImagePositionPatient], [-ras[0], -ras[1], ras[2]], atol=1e-6)
+        arr, aff = read_series(os.path.dirname(s.files[0]))  # SimpleITK / GDCM
+        np.testing.assert_allclose(aff, original.affine, atol=1e-5)
+        assert np.array_equal(arr, orig)
+        img = LoadImage(reader="ITKReader", image_only=True)(os.path.dirname(s.files[0]))  # MONAI on the folder
+        assert_same_world(np.asarray(img), np.asarray(img.affine), orig, original.affine)
+    # same data -> same UIDs (re-uploading does not duplicate), different case -> different UIDs
+    again = convert_case(case_dir, tmp_path / "again")
+    assert again.study_uid == info.study_uid and again.series["flair"].series_uid == info.series["flair"].series_uid
+    other = convert_case(synth / "brats2021" / "BraTS2021_00001", tmp_path / "other")
+    assert other.study_uid != info.study_uid
+
+
+def test_msd_4d_input_maps_channels_to_modalities(synth, tmp_path):
+    msd_image = synth / "msd" / "imagesTr" / "BRATS_001.nii.gz"
+    info = convert_case(msd_image, tmp_path)
+    vol = nib.load(msd_image)
+    data = np.asanyarray(vol.dataobj)
+    for m, c in zip(MODALITIES, (1, 2, 3, 0)):  # MSD channels: FLAIR, T1w, t1gd, T2w
+        arr, aff = read_series(os.path.dirname(info.series[m].files[0]))
+        assert_same_world(arr, aff, data[..., c], vol.affine)
+    # the same case written in the 2021 layout gives the same voxels
+    assert np.array_equal(data[..., 0], np.asanyarray(nib.load(synth / "brats2021" / "BraTS2021_00000" / "BraTS2021_00000_flair.nii.gz").dataobj))
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["oblique", "left_handed", "float"],
+)
+def test_geometry_oblique_left_handed_and_float(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    shape = (9, 7, 5)
+    affine = np.eye(4)
+    if kind == "oblique":
+        affine[:3, :3] = rotation((20, -35, 50)) @ np.diag([0.9, 1.2, 3.0])
+        affine[:3, 3] = [-12.5, 40.25, -7.0]
+    elif kind == "left_handed":
+        affine[:3, :3] = np.diag([2.0, -1.5, 3.0])  # one flipped axis: slices stacked against the normal
+        affine[:3, 3] = [5.0, 10.0, -20.0]
+    else:
+        affine[:3, :3] = np.diag([-1.0, -1.0, 1.2])
+    volumes = {}
+    for c, m in enumerate(MODALITIES):
+        if kind == "float":
+            arr = (rng.normal(100.0 * (c + 1), 30.0, shape)).astype(np.float32)
+        else:
+            arr = rng.integers(-500 if c == 0 else 0, 3000, shape).astype(np.int16)
+        volumes[m] = (arr, affine)
+    case = _case(tmp_path / "in", f"case-{kind}", volumes)
+    info = write_study(case, volumes, tmp_path / "out")
+    for m in MODALITIES:
+        arr, aff = read_series(os.path.dirname(info.series[m].files[0]))
+        orig = volumes[m][0]
+        step = (float(orig.max()) - float(orig.min())) / 65535 if kind == "float" else 0.0
+        assert_same_world(arr, aff, orig, affine, values_atol=step / 2 + 1e-4)
+    if kind == "left_handed":
+        g = plane_geometry(affine, shape)
+        slice_step = (RAS_TO_LPS @ affine)[:3, 2]
+        assert float(g["normal"] @ slice_step) < 0  # really stacked against the normal
+
+
+def test_sheared_affine_refused(tmp_path):
+    affine = np.eye(4)
+    affine[0, 1] = 0.5
+    vol = {m: (np.zeros((4, 4, 3), np.int16), affine) for m in MODALITIES}
+    with pytest.raises(DicomConversionError, match="sheared"):
+        write_study(_case(tmp_path, "sheared", vol), vol, tmp_path / "out")
+
+
+def test_cli_writes_study_and_rejects_non_case(synth, tmp_path, capsys):
+    assert dicom_main([str(synth / "brats2021"), "--case", "BraTS2021_00001", "--out", str(tmp_path)]) == 0
+    study = json.loads((tmp_path / "BraTS2021_00001" / "study.json").read_text())
+    assert set(study["series"]) == set(MODALITIES) and all(s["instances"] == 62 for s in study["series"].values())
+    with pytest.raises(SystemExit) as e:
+        dicom_main([str(tmp_path), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "not a BraTS case folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "description, modality",
+    [
+        ("T1", "t1"), ("T1w", "t1"), ("t1n", "t1"), ("sag T1 MPRAGE", "t1"), ("T1 sequence", "t1"),
+        ("T1ce", "t1ce"), ("t1c", "t1ce"), ("T1 post Gd", "t1ce"), ("AX T1+C", "t1ce"), ("t1gd", "t1ce"), ("T1_CE_3D", "t1ce"),
+        ("T2", "t2"), ("T2w", "t2"), ("ax_t2_tse", "t2"),
+        ("FLAIR", "flair"), ("AX T2 FLAIR", "flair"), ("t2f", "flair"), ("T2-FLAIR", "flair"),
+        ("DWI b1000", None), ("localizer", None), ("", None),
+    ],
+)
+def test_series_description_rules(description, modality):
+    assert classify(description, parse_rules(None)) == modality
+
+
+def test_match_series_errors_list_what_was_found():
+    rules = parse_rules(None)
+    series = [{"SeriesInstanceUID": str(i), "SeriesDescription": d, "SeriesNumber": i, "Modality": "MR"} for i, d in enumerate(["T1", "T1 post", "FLAIR", "DWI"], 1)]
+    with pytest.raises(SeriesMatchError) as e:
+        match_series(series, rules, "study 1.2.3")
+    msg = str(e.value)
+    assert "no series for T2" in msg and "'DWI' (MR) -> no modality" in msg and "'T1 post' (MR) -> T1ce" in msg
+    with pytest.raises(SeriesMatchError, match="2 series match T1ce"):
+        match_series(series + [{"SeriesInstanceUID": "9", "SeriesDescription": "T1ce", "SeriesNumber": 9}], rules)
+    custom = parse_rules('{"t2":"^DWI$"}')  # configurable: DWI stands in for T2 here
+    assert match_series(series, custom)["t2"]["SeriesDescription"] == "DWI"
+    with pytest.raises(ValueError, match="unknown modality"):
+        parse_rules('{"pd":"x"}')
