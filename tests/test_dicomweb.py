@@ -37,6 +37,7 @@ import requests
 import SimpleITK as sitk
 
 from custom.brats import BraTSCase, LAYOUTS, MODALITIES
+from custom.debian import AptUnavailable, apt_install
 from custom.dicom import (
     SERIES_DESCRIPTIONS,
     DicomConversionError,
@@ -50,6 +51,7 @@ from custom.dicom import (
     stow,
     write_study,
 )
+from custom.orthanc import Orthanc
 from custom.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,3 +262,83 @@ def test_match_series_errors_list_what_was_found():
     assert match_series(series, custom)["t2"]["SeriesDescription"] == "DWI"
     with pytest.raises(ValueError, match="unknown modality"):
         parse_rules('{"pd":"x"}')
+
+
+# ----------------------------------------------------------------------------------------- Orthanc
+
+
+def _install(what: str, fn) -> float:
+    """Run an installer; skip (with the reason) when the packages cannot be installed here."""
+    try:
+        seconds = fn()
+    except AptUnavailable as e:
+        pytest.skip(f"{what} unavailable: {e}")
+    if seconds:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        with open(ARTIFACTS / "install_times.txt", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {what}: installed in {seconds:.1f} s\n")
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    """A real Orthanc on a free loopback port with the project's config and a temporary database."""
+    from custom.orthanc import ensure_installed
+
+    _install("Orthanc", ensure_installed)
+    with Orthanc() as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="module")
+def uploaded(orthanc, synth, tmp_path_factory):
+    """Case 0 as a complete study; case 1 without its T2 series (an incomplete study)."""
+    out = tmp_path_factory.mktemp("dicom_upload")
+    full = convert_case(synth / "brats2021" / "BraTS2021_00000", out)
+    assert stow([f for s in full.series.values() for f in s.files], orthanc.dicomweb_url) == 4 * 62
+    partial = convert_case(synth / "brats2021" / "BraTS2021_00001", out)
+    stow([f for m, s in partial.series.items() if m != "t2" for f in s.files], orthanc.dicomweb_url)
+    return {"full": full, "partial": partial}
+
+
+def _qido(orthanc, path, **params):
+    r = requests.get(f"{orthanc.dicomweb_url}/{path}", params=params, timeout=30)
+    r.raise_for_status()
+    return r.json() if r.text else []
+
+
+def test_orthanc_stores_and_lists_the_study(orthanc, uploaded, synth, tmp_path):
+    full = uploaded["full"]
+    series = _qido(orthanc, f"studies/{full.study_uid}/series")
+    found = {s["0008103E"]["Value"][0]: s["0020000E"]["Value"][0] for s in series}
+    assert found == {SERIES_DESCRIPTIONS[m]: s.series_uid for m, s in full.series.items()}
+    assert all(s["00201209"]["Value"][0] == 62 for s in series)  # NumberOfSeriesRelatedInstances
+    # the CLI uploads too; re-uploading the same case adds nothing (same UIDs)
+    before = requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"]
+    assert dicom_main([str(synth / "brats2021" / "BraTS2021_00000"), "--out", str(tmp_path), "--stow", orthanc.dicomweb_url]) == 0
+    assert requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"] == before
+    # an instance comes back through WADO-RS with the pixel data written
+    ds = pydicom.dcmread(full.series["flair"].files[30])
+    r = requests.get(
+        f"{orthanc.dicomweb_url}/studies/{full.study_uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30,
+    )
+    assert r.status_code == 200 and ds.PixelData in r.content
+
+
+def test_orthanc_answers_loopback_only(orthanc):
+    """Orthanc 1.10 listens on every interface (no bind-address option); RemoteAccessAllowed=false
+    refuses clients that are not on loopback."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: picks the outgoing interface
+            address = s.getsockname()[0]
+    except OSError:
+        address = None
+    if not address or address.startswith("127."):
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    r = requests.get(f"http://{address}:{orthanc.port}/dicom-web/studies", timeout=10)
+    assert r.status_code in (401, 403), r.status_code
+    assert requests.get(f"{orthanc.dicomweb_url}/studies", timeout=10).status_code == 200
