@@ -101,7 +101,12 @@ class MyApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            if settings.MONAI_LABEL_DATASTORE.lower() not in ("", "dicomweb"):  # xnat, dsa: MONAI Label's own
+                return super().init_datastore()
+            from lib.datastore.dicomweb import open_dicomweb_datastore  # a PACS: one image = a study's 4 MR series
+
+            datastore, self.layout = open_dicomweb_datastore(self.studies, self.conf)
+            return datastore
         datastore, self.layout = open_datastore(
             self.studies,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,

@@ -342,3 +342,125 @@ def test_orthanc_answers_loopback_only(orthanc):
     r = requests.get(f"http://{address}:{orthanc.port}/dicom-web/studies", timeout=10)
     assert r.status_code in (401, 403), r.status_code
     assert requests.get(f"{orthanc.dicomweb_url}/studies", timeout=10).status_code == 200
+
+
+# ------------------------------------------------------------------------ the datastore, in-process
+
+
+def _datastore(orthanc, cache: Path, search_filter=None):
+    from monailabel.datastore.dicom import DICOMwebClientX
+
+    from lib.datastore.dicomweb import BraTSDICOMwebDatastore
+
+    client = DICOMwebClientX(url=orthanc.dicomweb_url)
+    return BraTSDICOMwebDatastore(client, search_filter or {"Modality": "CT"}, LAYOUTS["brats2023"], cache_path=str(cache))
+
+
+@pytest.fixture(scope="module")
+def datastore(orthanc, uploaded, tmp_path_factory):
+    return _datastore(orthanc, tmp_path_factory.mktemp("dicomweb_cache"))
+
+
+def _brats2023_label(case_dir: Path) -> nib.Nifti1Image:
+    seg = nib.load(case_dir / f"{case_dir.name}_seg.nii.gz")
+    data = np.asanyarray(seg.dataobj).copy()
+    data[data == 4] = 3  # 2021 -> 2023 convention (ET 4 -> 3)
+    return nib.Nifti1Image(data.astype(np.uint8), seg.affine)
+
+
+def test_datastore_lists_complete_studies_by_flair_series_and_resolves_aliases(datastore, uploaded):
+    from fastapi import HTTPException
+
+    full, partial = uploaded["full"], uploaded["partial"]
+    flair = full.series["flair"].series_uid
+    assert datastore.search_filter["Modality"] == "MR"  # MONAI Label's CT default is overridden
+    assert datastore.list_images() == [flair]
+    for alias in (flair, full.study_uid, full.series["t1"].series_uid, full.series["t1ce"].series_uid):
+        assert datastore.require_image(alias) == flair
+    for bad, status in (("../etc/passwd", 400), ("1.2.3.4.5", 404), (partial.study_uid, 422), (partial.series["flair"].series_uid, 422)):
+        with pytest.raises(HTTPException) as e:
+            datastore.require_image(bad)
+        assert e.value.status_code == status, (bad, e.value.detail)
+    detail = str(e.value.detail)
+    assert "no series for T2" in detail and "'T1ce' (MR) -> T1ce" in detail and "'FLAIR' (MR) -> FLAIR" in detail, detail
+
+
+def test_datastore_model_input_is_the_case_in_its_geometry(datastore, uploaded, synth):
+    paths = datastore.model_input(uploaded["full"].study_uid)
+    assert len(paths) == 4
+    case_dir = synth / "brats2021" / "BraTS2021_00000"
+    for m, p in zip(MODALITIES, paths):
+        got, want = nib.load(p), nib.load(case_dir / f"BraTS2021_00000_{m}.nii.gz")
+        assert_same_world(np.asanyarray(got.dataobj), got.affine, np.asanyarray(want.dataobj), want.affine)
+    assert datastore.model_input(uploaded["full"].series["flair"].series_uid) == paths  # cached
+    image = nib.load(datastore.get_image_uri(uploaded["full"].series["t2"].series_uid))  # what clients download: the FLAIR
+    assert np.array_equal(np.asanyarray(image.dataobj), np.asanyarray(nib.load(paths[3]).dataobj))
+
+
+def test_datastore_label_to_dicom_seg_and_back(datastore, orthanc, uploaded, synth, tmp_path):
+    from fastapi import HTTPException
+
+    full = uploaded["full"]
+    flair = full.series["flair"].series_uid
+    label = _brats2023_label(synth / "brats2021" / "BraTS2021_00000")
+    assert set(np.unique(np.asanyarray(label.dataobj)).tolist()) == {0, 1, 2, 3}
+    path = tmp_path / "label.nii.gz"
+    nib.save(label, path)
+    assert datastore.save_label(full.series["t1ce"].series_uid, str(path), "final", {}) == flair
+    segs = _qido(orthanc, "series", Modality="SEG")
+    assert len(segs) == 1 and segs[0]["0008103E"]["Value"][0] == "BraTS segmentation (final)"
+    seg_uid = segs[0]["0020000E"]["Value"][0]
+    seg = _retrieve_seg(orthanc, full.study_uid, seg_uid)
+    assert seg.StudyInstanceUID == full.study_uid and seg.FrameOfReferenceUID == full.frame_of_reference_uid
+    assert [r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence] == [full.series[m].series_uid for m in ("flair", "t1", "t1ce", "t2")]
+    assert [(s.SegmentNumber, s.SegmentLabel, s.SegmentDescription) for s in seg.SegmentSequence] == [
+        (1, "necrotic tumour core", "NCR"), (2, "peritumoral oedema", "ED"), (3, "enhancing tumour", "ET")]
+    decoded = decode_seg(seg, {"necrotic tumour core": 1, "peritumoral oedema": 2, "enhancing tumour": 3})
+    assert_same_world(*decoded, np.asanyarray(label.dataobj), label.affine)
+    # a fresh server (empty cache) finds the label in the PACS and decodes it
+    fresh = _datastore(orthanc, tmp_path / "fresh")
+    assert fresh.get_labeled_images() == [flair] and fresh.get_unlabeled_images() == []
+    got = nib.load(fresh.get_label_uri(flair, "final"))
+    assert_same_world(np.asanyarray(got.dataobj), got.affine, np.asanyarray(label.dataobj), label.affine)
+    (item,) = fresh.datalist()
+    assert len(item["image"]) == 4 and item["label"].endswith(".nii.gz")
+    # refused labels
+    bad = tmp_path / "bad.nii.gz"
+    for img, status in ((nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), label.affine), 422),
+                        (nib.Nifti1Image((np.asanyarray(label.dataobj) > 0).astype(np.uint8) * 4, label.affine), 422)):
+        nib.save(img, bad)
+        with pytest.raises(HTTPException) as e:
+            datastore.save_label(flair, str(bad), "final", {})
+        assert e.value.status_code == status, e.value.detail
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(HTTPException) as e:
+        datastore.save_label(flair, str(tmp_path / "x.txt"), "final", {})
+    assert e.value.status_code == 415
+    # an all-background label is kept locally, no SEG (a SEG needs a segment)
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), bad)
+    datastore.save_label(flair, str(bad), "empty", {})
+    assert len(_qido(orthanc, "series", Modality="SEG")) == 1
+
+
+def _retrieve_seg(orthanc, study_uid, seg_uid) -> pydicom.Dataset:
+    from dicomweb_client.api import DICOMwebClient
+
+    (seg,) = DICOMwebClient(orthanc.dicomweb_url).retrieve_series(study_uid, seg_uid)
+    return seg
+
+
+def decode_seg(seg: pydicom.Dataset, values: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM SEG -> (label map with ``values`` by SegmentLabel, RAS affine), with pydicom-seg alone."""
+    import pydicom_seg
+
+    result = pydicom_seg.SegmentReader().read(seg)
+    out, affine = None, None
+    for number, info in result.segment_infos.items():
+        img = result.segment_image(number)
+        arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+        if out is None:
+            out, affine = np.zeros(arr.shape, np.uint8), itk_affine(img)
+        assert np.allclose(itk_affine(img), affine)
+        assert not out[arr > 0].any(), "segments overlap"
+        out[arr > 0] = values[info.SegmentLabel]
+    return out, affine
