@@ -464,3 +464,140 @@ def decode_seg(seg: pydicom.Dataset, values: dict) -> tuple[np.ndarray, np.ndarr
         assert not out[arr > 0].any(), "segments overlap"
         out[arr > 0] = values[info.SegmentLabel]
     return out, affine
+
+
+# ------------------------------------------------------------------ a real MONAI Label server on it
+
+
+def _bundle_copy(root: Path) -> Path:
+    """The repo's bundle configs with an untrained tiny network (seeded) as models/model.pt."""
+    import torch
+
+    from lib.bundle_config import load_bundle_config
+
+    shutil.copytree(REPO / "bundle" / "configs", root / "configs")
+    (root / "models").mkdir(parents=True)
+    parser = load_bundle_config(str(root), CONFIGS.split(","), OVERRIDES)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)  # the launcher starts python as a child: stop the whole group
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(orthanc, uploaded, tmp_path_factory):
+    """``monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`` (Orthanc), tiny network, crf off."""
+    from custom.orthanc import free_port
+
+    tmp = tmp_path_factory.mktemp("mlapp_dicomweb")
+    bundle_root = _bundle_copy(tmp / "bundle")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(
+        os.environ,
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        MONAI_LABEL_DICOMWEB_SEARCH_FILTER='{"Modality":"MR"}',  # MONAI Label's default is CT
+        MONAI_LABEL_DICOMWEB_CACHE_PATH=str(tmp / "cache"),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+    )
+    cmd = [
+        str(VENV_BIN / "monailabel"), "start_server", "--app", str(APP), "--studies", orthanc.dicomweb_url,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--conf", "models", MODEL, "--conf", "bundle_root", str(bundle_root), "--conf", "bundle_configs", CONFIGS,
+        "--conf", "bundle_overrides", json.dumps(OVERRIDES, separators=(",", ":")),
+    ]
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
+            try:
+                requests.get(f"{url}/info/", timeout=10).raise_for_status()
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not up after {STARTUP_TIMEOUT} s:\n{(tmp / 'server.log').read_text()[-4000:]}")
+                time.sleep(1)
+        yield {"url": url, "tmp": tmp, "log": tmp / "server.log"}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _multipart(r) -> dict:
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = {}
+    for part in MultipartDecoder.from_response(r).parts:
+        name = part.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]
+        parts[name] = part.content
+    return parts
+
+
+def _infer(server, tmp: Path, image: str = "", params=None, file: Path | None = None):
+    """POST /infer/brats -> (label array, affine, result json)."""
+    files = {"file": (file.name, open(file, "rb"))} if file else None
+    r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": image, "output": "all"}, data={"params": json.dumps(params or {})}, files=files, timeout=600)
+    assert r.status_code == 200, r.text
+    parts = _multipart(r)
+    out = tmp / f"result_{time.monotonic_ns()}.nii.gz"
+    out.write_bytes(parts["image"])
+    img = nib.load(out)
+    return np.asarray(img.dataobj), img.affine, json.loads(parts["params"])
+
+
+def test_server_info_lists_the_study_and_its_labels(server, uploaded):
+    info = requests.get(f"{server['url']}/info/", timeout=10).json()
+    assert info["models"][MODEL]["labels"] == {"necrotic tumour core": 1, "peritumoral oedema": 2, "enhancing tumour": 3}
+    r = requests.get(f"{server['url']}/datastore/image/info", params={"image": uploaded["full"].study_uid}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["SeriesInstanceUID"] == uploaded["full"].series["flair"].series_uid
+    assert r.json()["series"] == {SERIES_DESCRIPTIONS[m]: s.series_uid for m, s in uploaded["full"].series.items()}
+
+
+def test_infer_on_dicom_study_stores_a_seg_matching_the_nifti_inference(server, orthanc, uploaded, synth, tmp_path):
+    full = uploaded["full"]
+    case_dir = synth / "brats2021" / "BraTS2021_00000"
+    # inference on the DICOM study (OHIF sends the UID of the series on screen: here the T1ce), result saved back
+    pred, pred_affine, result = _infer(server, tmp_path, full.series["t1ce"].series_uid, {"crf": False, "save_label": True})
+    assert result["crf"] is False
+    assert set(np.unique(pred).tolist()) - {0} and set(np.unique(pred).tolist()) <= {0, 1, 2, 3}, "the tiny network predicts nothing: no SEG to compare"
+    # the NIfTI inference of the same case on the same server: the four original files as one 4D upload
+    stack = np.stack([np.asanyarray(nib.load(case_dir / f"BraTS2021_00000_{m}.nii.gz").dataobj) for m in MODALITIES], axis=-1)
+    affine = nib.load(case_dir / "BraTS2021_00000_flair.nii.gz").affine
+    four_d = tmp_path / "BraTS2021_00000_4d.nii.gz"
+    nib.save(nib.Nifti1Image(stack, affine), four_d)
+    ref, ref_affine, _ = _infer(server, tmp_path, params={"crf": False}, file=four_d)
+    np.testing.assert_allclose(ref_affine, affine, atol=1e-4)
+    assert_same_world(pred, pred_affine, ref, ref_affine)
+    # the DICOM SEG in Orthanc, decoded into the image grid, is that label map
+    segs = [s for s in _qido(orthanc, "series", Modality="SEG") if s["0008103E"]["Value"][0] == "BraTS segmentation (original)"]
+    assert len(segs) == 1, segs
+    seg = _retrieve_seg(orthanc, full.study_uid, segs[0]["0020000E"]["Value"][0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == full.series["flair"].series_uid
+    assert seg.FrameOfReferenceUID == full.frame_of_reference_uid
+    labels = requests.get(f"{server['url']}/info/", timeout=10).json()["models"][MODEL]["labels"]
+    present = sorted(set(np.unique(ref).tolist()) - {0})
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [n for n, v in sorted(labels.items(), key=lambda x: x[1]) if v in present]
+    decoded, decoded_affine = decode_seg(seg, labels)
+    assert_same_world(decoded, decoded_affine, ref, ref_affine)
+
+
+def test_infer_on_study_missing_a_modality_says_what_was_found(server, uploaded):
+    r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": uploaded["partial"].study_uid}, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "no series for T2" in detail and "'T1' (MR) -> T1" in detail and "dicomweb_series_rules" in detail, detail
+    r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": "1.2.3.999"}, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 404, r.text
