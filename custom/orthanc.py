@@ -92,6 +92,12 @@ class Orthanc:
 
     def start(self) -> "Orthanc":
         ensure_installed()
+        with socket.socket() as s:  # Orthanc listens on every interface: the port must be free on all
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Orthanc: connections in TIME_WAIT do not count
+            try:
+                s.bind(("0.0.0.0", self.port))
+            except OSError as e:
+                raise RuntimeError(f"port {self.port} is in use ({e}); pick another (--port / ORTHANC_PORT)") from e
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = render_config(self.port, self.workdir / "db", self.workdir / "orthanc.json")
         log = open(self.log_path, "ab")

@@ -601,3 +601,57 @@ def test_infer_on_study_missing_a_modality_says_what_was_found(server, uploaded)
     assert "no series for T2" in detail and "'T1' (MR) -> T1" in detail and "dicomweb_series_rules" in detail, detail
     r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": "1.2.3.999"}, data={"params": "{}"}, timeout=60)
     assert r.status_code == 404, r.text
+
+
+# ---------------------------------------------------------------------------------------------- OHIF
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    _install("Chromium", lambda: apt_install(("chromium",), lambda: shutil.which("chromium") is not None, "Chromium"))
+    return shutil.which("chromium")
+
+
+def _chromium(binary: str, tmp: Path, url: str, *args: str, budget_ms: int = 30000) -> str:
+    """Headless Chromium on ``url`` after ``budget_ms`` of virtual time (scripts, network); stdout."""
+    cmd = [
+        binary, "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu-sandbox",
+        "--enable-unsafe-swiftshader", "--use-angle=swiftshader",  # software WebGL for cornerstone
+        f"--user-data-dir={tmp / 'chromium-profile'}", "--window-size=1400,900",
+        f"--virtual-time-budget={budget_ms}", *args, url,
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def _text(html: str) -> str:
+    import re
+
+    html = re.sub(r"<(style|script)\b.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+
+def test_ohif_lists_the_studies_from_orthanc_and_shows_the_four_series(server, uploaded, chromium, tmp_path):
+    """MONAI Label's OHIF (/ohif/) queries Orthanc through the server's /proxy/dicom: the study list
+    shows the uploaded studies; the viewer of the complete study shows the four series and the SEG
+    stored by the inference test. Screenshots: tests/artifacts/ohif_*.png."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    ohif = f"{server['url']}/ohif/"
+    text = _text(_chromium(chromium, tmp_path, ohif, "--dump-dom"))
+    assert "Study List" in text, text[:2000]
+    for info in uploaded.values():  # PatientName = case id
+        assert info.case_id in text, f"{info.case_id} not in the study list: {text[:2000]}"
+    _chromium(chromium, tmp_path, ohif, f"--screenshot={ARTIFACTS / 'ohif_study_list.png'}")
+    assert (ARTIFACTS / "ohif_study_list.png").stat().st_size > 10_000
+    viewer = f"{server['url']}/ohif/monai-label?StudyInstanceUIDs={uploaded['full'].study_uid}"
+    text = _text(_chromium(chromium, tmp_path, viewer, "--dump-dom"))
+    for description in ("T1", "T1ce", "T2", "FLAIR", "BraTS segmentation (original)"):
+        assert f" {description} " in text, f"{description!r} not in the viewer: {text[:3000]}"
+    assert "MONAI Label" in text
+    _chromium(chromium, tmp_path, viewer, f"--screenshot={ARTIFACTS / 'ohif_viewer.png'}")
+    from PIL import Image
+
+    shot = np.asarray(Image.open(ARTIFACTS / "ohif_viewer.png").convert("L"), dtype=np.float64)
+    viewport = shot[150:750, 300:1100]  # the three MPR viewports: the brain is drawn (not black)
+    assert (viewport > 60).mean() > 0.05, "viewports look empty"
