@@ -655,3 +655,59 @@ def test_ohif_lists_the_studies_from_orthanc_and_shows_the_four_series(server, u
     shot = np.asarray(Image.open(ARTIFACTS / "ohif_viewer.png").convert("L"), dtype=np.float64)
     viewport = shot[150:750, 300:1100]  # the three MPR viewports: the brain is drawn (not black)
     assert (viewport > 60).mean() > 0.05, "viewports look empty"
+
+
+def test_ohif_shows_the_seg_over_the_flair(server, uploaded, chromium, tmp_path):
+    """OHIF's basic viewer, driven over the DevTools protocol (tests/cdp.py): open the DICOM SEG of
+    the inference, OHIF loads the FLAIR it references, the segmentation panel lists the segments
+    by label name, jumping to a segment shows it coloured over the FLAIR. Screenshot:
+    tests/artifacts/ohif_seg_overlay.png."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cdp import Browser
+
+    # centre of the innermost visible element matching ``sel`` whose text includes ``text``
+    centre = """((sel, text) => { const els = Array.from(document.querySelectorAll(sel)).filter(e => (e.textContent || '').includes(text) && e.getBoundingClientRect().width > 0);
+        els.sort((a, b) => a.textContent.length - b.textContent.length);
+        if (!els.length) return null; const r = els[0].getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })"""
+
+    def click(b, xy, count=1):
+        for c in range(1, count + 1):
+            for kind in ("mousePressed", "mouseReleased"):
+                b.call("Input.dispatchMouseEvent", type=kind, x=xy[0], y=xy[1], button="left", clickCount=c)
+
+    labels = requests.get(f"{server['url']}/info/", timeout=10).json()["models"][MODEL]["labels"]
+    with Browser(chromium, tmp_path / "profile") as b:
+        b.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+        b.call("Page.navigate", url=f"{server['url']}/ohif/viewer?StudyInstanceUIDs={uploaded['full'].study_uid}")
+        seg = b.wait_for(f"({centre})('[data-cy=study-browser-thumbnail-no-image]', '(original)')", 90)
+        assert seg, f"no SEG thumbnail in OHIF; console: {b.console()[-20:]}"
+        hide = b.evaluate(f"({centre})('[data-cy=confirm-and-hide-button]', '')")
+        if hide:
+            click(b, hide)
+        time.sleep(2)  # let the default hanging protocol settle before replacing it
+        click(b, seg, count=2)
+        yes = b.wait_for(f"({centre})('button', 'Yes')", 30)  # "Do you want to open this Segmentation?"
+        assert yes, f"no prompt to open the SEG; console: {b.console()[-20:]}"
+        click(b, yes)
+        flair = b.wait_for("(document.querySelector('[data-cy=viewport-pane]')?.textContent || '').includes('FLAIR')", 60)
+        assert flair, f"the SEG's referenced series (FLAIR) not loaded; console: {b.console()[-20:]}"
+        panel = b.wait_for(f"({centre})('[data-cy=panelSegmentation-btn]', '')", 30)
+        click(b, panel)
+        names = [n for n in labels if b.wait_for(f"({centre})('body *', {json.dumps(n)})", 15)]
+        assert names, f"no segment named after a label in OHIF's panel; console: {b.console()[-20:]}"
+        slice_text = "(document.querySelector('[data-cy=viewport-overlay-bottom-right]')?.textContent || '')"
+        click(b, b.evaluate(f"({centre})('body *', {json.dumps(names[0])})"))  # OHIF jumps to the segment's centre
+        time.sleep(3)
+        first = b.evaluate(slice_text)
+        if first.startswith("I: 1 ") or first.startswith("I:1 "):  # no jump: scroll to the middle slice
+            pane = b.evaluate(f"({centre})('[data-cy=viewport-pane]', '')")
+            for _ in range(uploaded["full"].series["flair"].files.__len__() // 2):
+                b.call("Input.dispatchMouseEvent", type="mouseWheel", x=pane[0], y=pane[1], deltaX=0, deltaY=120)
+            time.sleep(2)
+        shown = b.evaluate(slice_text)
+        shot = b.screenshot(ARTIFACTS / "ohif_seg_overlay.png")
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)[100:780, 300:1100]
+    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 80  # segment colours over a grey image
+    assert coloured.mean() > 0.005, f"no coloured segment drawn over the image ({coloured.mean():.4f}; slice {first!r} after the jump, {shown!r} shown)"
