@@ -48,7 +48,19 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from custom.brats import BraTSCase, BraTSDataError, LabelConvention, Layout, check_label_values, detect_layout, list_cases
+from custom.brats import (
+    BraTSCase,
+    BraTSDataError,
+    LabelConvention,
+    Layout,
+    NotNiftiError,
+    check_image_voxels,
+    check_label_values,
+    detect_layout,
+    list_cases,
+    load_nifti,
+    load_voxels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +146,7 @@ def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: La
 
     With ``segments`` (Slicer's ``label_info``) the values are first mapped by segment name; the
     mapped ``(H, W, D)`` uint8 map is returned (None without ``segments``: the file is stored as is)."""
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises several types for non-NIfTI / truncated headers
-        raise HTTPException(status_code=415, detail=f"{where}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise HTTPException(status_code=415, detail=f"{where}: not a NIfTI image ({type(img).__name__})")
+    img = _load_upload(path, where)  # header checks (size, dtype, affine, truncation) before any voxel is read
     lshape = tuple(int(s) for s in img.shape)
     if len(lshape) == 4 and lshape[3] == 1:
         lshape = lshape[:3]
@@ -154,9 +161,9 @@ def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: La
             f"{np.array2string(img.affine, precision=3)}\nvs image\n{np.array2string(affine, precision=3)}",
         )
     try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as e:  # truncated / corrupt voxel data
-        raise HTTPException(status_code=422, detail=f"{where}: cannot read the label voxels ({type(e).__name__}: {e})") from e
+        data = load_voxels(img, path, name=where)
+    except BraTSDataError as e:  # truncated / corrupt voxel data
+        raise HTTPException(status_code=422, detail=f"cannot read the label voxels: {e}") from e
     if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
         raise HTTPException(status_code=422, detail=f"{where}: label values must be integers (found non-integer or NaN values)")
     if segments:
@@ -166,6 +173,17 @@ def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: La
     except BraTSDataError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
     return data if segments else None
+
+
+def _load_upload(path: str, where: str) -> nib.Nifti1Image:
+    """The header of an uploaded NIfTI file, checked by ``custom.brats.load_nifti`` (messages say ``where``,
+    not the server's temporary path): HTTP 415 if not a readable NIfTI file, 422 for a bad header."""
+    try:
+        return load_nifti(path, name=where)
+    except NotNiftiError as e:
+        raise HTTPException(status_code=415, detail=str(e)) from e
+    except BraTSDataError as e:
+        raise HTTPException(status_code=422, detail=str(e)) from e
 
 
 class CheckedLocalDatastore(LocalDatastore):
@@ -237,12 +255,16 @@ class CheckedLocalDatastore(LocalDatastore):
         image_id = check_id(image_id or os.path.basename(image_filename)[: -len(suffix)])
         if image_id in self._datastore.objects:
             raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; images are never overwritten")
-        try:
-            img = nib.load(image_filename)
-        except Exception as e:
-            raise HTTPException(status_code=415, detail=f"image {image_id!r}: not a readable NIfTI file ({e})") from e
+        where = f"image {image_id!r}"
+        img = _load_upload(image_filename, where)  # header checks before any voxel is read
         if len(img.shape) != 4 or img.shape[3] != 4:
-            raise HTTPException(status_code=422, detail=f"image {image_id!r}: expected a 4D (H, W, D, 4) NIfTI, got shape {img.shape}")
+            raise HTTPException(status_code=422, detail=f"{where}: expected a 4D (H, W, D, 4) NIfTI, got shape {img.shape}")
+        try:
+            data = load_voxels(img, image_filename, name=where)
+            for c in range(4):  # NaN/Inf, blank or overflow-prone channels would poison inference and training
+                check_image_voxels(data[..., c], f"{where} (channel {c})")
+        except BraTSDataError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
         return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:
