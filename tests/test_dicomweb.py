@@ -657,27 +657,35 @@ def test_ohif_lists_the_studies_from_orthanc_and_shows_the_four_series(server, u
     assert (viewport > 60).mean() > 0.05, "viewports look empty"
 
 
+# centre of the innermost visible element matching ``sel`` whose text includes ``text`` (or null)
+CENTRE = """((sel, text) => { const els = Array.from(document.querySelectorAll(sel)).filter(e => (e.textContent || '').includes(text) && e.getBoundingClientRect().width > 0);
+    els.sort((a, b) => a.textContent.length - b.textContent.length);
+    if (!els.length) return null; const r = els[0].getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })"""
+
+
+def _click(b, xy, count=1):
+    for c in range(1, count + 1):
+        for kind in ("mousePressed", "mouseReleased"):
+            b.call("Input.dispatchMouseEvent", type=kind, x=xy[0], y=xy[1], button="left", clickCount=c)
+
+
+def _browser(chromium, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cdp import Browser
+
+    b = Browser(chromium, tmp_path / "profile")
+    b.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+    return b
+
+
 def test_ohif_shows_the_seg_over_the_flair(server, uploaded, chromium, tmp_path):
     """OHIF's basic viewer, driven over the DevTools protocol (tests/cdp.py): open the DICOM SEG of
     the inference, OHIF loads the FLAIR it references, the segmentation panel lists the segments
     by label name, jumping to a segment shows it coloured over the FLAIR. Screenshot:
     tests/artifacts/ohif_seg_overlay.png."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cdp import Browser
-
-    # centre of the innermost visible element matching ``sel`` whose text includes ``text``
-    centre = """((sel, text) => { const els = Array.from(document.querySelectorAll(sel)).filter(e => (e.textContent || '').includes(text) && e.getBoundingClientRect().width > 0);
-        els.sort((a, b) => a.textContent.length - b.textContent.length);
-        if (!els.length) return null; const r = els[0].getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })"""
-
-    def click(b, xy, count=1):
-        for c in range(1, count + 1):
-            for kind in ("mousePressed", "mouseReleased"):
-                b.call("Input.dispatchMouseEvent", type=kind, x=xy[0], y=xy[1], button="left", clickCount=c)
-
+    centre, click = CENTRE, _click
     labels = requests.get(f"{server['url']}/info/", timeout=10).json()["models"][MODEL]["labels"]
-    with Browser(chromium, tmp_path / "profile") as b:
-        b.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+    with _browser(chromium, tmp_path) as b:
         b.call("Page.navigate", url=f"{server['url']}/ohif/viewer?StudyInstanceUIDs={uploaded['full'].study_uid}")
         seg = b.wait_for(f"({centre})('[data-cy=study-browser-thumbnail-no-image]', '(original)')", 90)
         assert seg, f"no SEG thumbnail in OHIF; console: {b.console()[-20:]}"
@@ -711,3 +719,36 @@ def test_ohif_shows_the_seg_over_the_flair(server, uploaded, chromium, tmp_path)
     rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)[100:780, 300:1100]
     coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 80  # segment colours over a grey image
     assert coloured.mean() > 0.005, f"no coloured segment drawn over the image ({coloured.mean():.4f}; slice {first!r} after the jump, {shown!r} shown)"
+
+
+def test_ohif_monai_label_panel_runs_the_model_on_the_study(server, uploaded, chromium, tmp_path):
+    """OHIF's MONAI Label panel (monai-label mode): connect to the server (its URL in the panel's
+    cookie; the panel's default is port 8000), *Run* model brats: OHIF posts the UID of the series on
+    screen (T1) with output=image, the app runs on the study's four series, OHIF loads the label
+    map as a segmentation. Screenshot: tests/artifacts/ohif_monai_label_run.png."""
+    url = server["url"]
+    with _browser(chromium, tmp_path) as b:
+        b.call("Network.setCookie", name="MONAILABEL_SERVER_URL", value=f"{url}/", url=url)
+        b.call("Page.navigate", url=f"{url}/ohif/monai-label?StudyInstanceUIDs={uploaded['full'].study_uid}")
+        field = b.wait_for("document.getElementById('monailabelServerURL')?.value", 90)
+        assert field == f"{url}/", field
+        assert b.wait_for("(document.querySelector('[data-cy=viewport-pane]')?.textContent || '').includes('T1')", 60)
+        hide = b.evaluate(f"({CENTRE})('[data-cy=confirm-and-hide-button]', '')")
+        if hide:
+            _click(b, hide)
+        connect = b.evaluate("""(() => { const i = document.getElementById('monailabelServerURL'); const r = i.parentElement.parentElement.querySelector('button').getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()""")
+        _click(b, connect)
+        run = b.wait_for(f"({CENTRE})('button', 'Run')", 30)
+        assert run, f"the panel did not connect; console: {b.console()[-20:]}"
+        _click(b, run)
+        deadline, done = time.monotonic() + 180, False
+        while not done and time.monotonic() < deadline:
+            time.sleep(1)
+            b.evaluate("0")  # collect the events received meanwhile
+            done = any("updated the segmentation's scalar data" in line for line in b.console())
+        log = b.console()
+        posts = [line for line in log if "POST:: " in line and "/infer/brats?image=" in line]
+        assert posts and uploaded["full"].series["t1"].series_uid in posts[0], posts
+        assert done, f"OHIF did not load the result; console: {[l for l in log if 'rror' in l][-10:]}"
+        time.sleep(2)
+        b.screenshot(ARTIFACTS / "ohif_monai_label_run.png")
