@@ -442,6 +442,23 @@ def test_datastore_label_to_dicom_seg_and_back(datastore, orthanc, uploaded, syn
     assert len(_qido(orthanc, "series", Modality="SEG")) == 1
 
 
+def test_datastore_accepts_ohif_label_bin(datastore, orthanc, uploaded, synth, tmp_path):
+    """OHIF saves a label as ``label.bin``: the raw uint8 voxels of the image volume (x fastest)."""
+    full = uploaded["full"]
+    label = _brats2023_label(synth / "brats2021" / "BraTS2021_00000")
+    data = np.asanyarray(label.dataobj).astype(np.uint8)
+    data[data == 1] = 2  # a corrected label: no necrotic core
+    path = tmp_path / "label.bin"
+    path.write_bytes(data.tobytes(order="F"))
+    before = {s["0020000E"]["Value"][0] for s in _qido(orthanc, "series", Modality="SEG")}
+    datastore.save_label(full.series["flair"].series_uid, str(path), "final", {})
+    (new,) = [s["0020000E"]["Value"][0] for s in _qido(orthanc, "series", Modality="SEG") if s["0020000E"]["Value"][0] not in before]
+    seg = _retrieve_seg(orthanc, full.study_uid, new)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["peritumoral oedema", "enhancing tumour"]
+    assert [s.SegmentNumber for s in seg.SegmentSequence] == [1, 2]  # numbered without gaps
+    decoded = decode_seg(seg, {"peritumoral oedema": 2, "enhancing tumour": 3})
+    assert_same_world(*decoded, data, label.affine)
+
 def _retrieve_seg(orthanc, study_uid, seg_uid) -> pydicom.Dataset:
     from dicomweb_client.api import DICOMwebClient
 
