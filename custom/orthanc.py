@@ -154,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.install_only:
         return 0
     pacs = Orthanc(args.port, args.storage)
+    # stop Orthanc (and drop a temporary database) on SIGTERM, and on Ctrl-C even when started in the
+    # background by a shell (which ignores SIGINT for background jobs)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         pacs.start()
         print(f"Orthanc {pacs.url} (DICOMweb {pacs.dicomweb_url}, database {pacs.workdir}); Ctrl-C stops it", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while pacs.proc.poll() is None:
             time.sleep(1)
         print(f"Orthanc exited with {pacs.proc.returncode}:\n{pacs.log()[-2000:]}", file=sys.stderr)
