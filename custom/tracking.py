@@ -4,6 +4,12 @@
 ``validate#handlers``; the configs pass those lists through :func:`configure_mlflow`, which gives
 the handlers this project's run parameters and artifacts and makes tracking failures non-fatal
 (logged as warnings; training goes on). Without ``--tracking`` the lists pass through unchanged.
+
+Resumed training (``--resume true`` after a crash or a SIGKILL) continues the same MLflow run:
+``train.json``'s ``run_name`` is :func:`run_name`, which reuses the name saved beside the
+checkpoints, and MONAI's handler continues the unfinished run of that name; parameters that the
+resumed command changes (e.g. ``epochs``) are recorded as ``resumed.<name>`` tags, since MLflow
+refuses to change a logged parameter.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import functools
 import logging
 import os
 import subprocess
+import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,9 +64,61 @@ def configure_mlflow(handlers: Sequence | None, params: dict | None = None, arti
         if artifacts:
             existing = [a for a in (h.artifacts or []) if a]
             h.artifacts = [*existing, *artifacts]
+        h._log_params = _log_new_params(h, h._log_params)
         for name in _MLFLOW_METHODS:
             setattr(h, name, _tolerant(h, getattr(h, name), name))
     return handlers
+
+
+def _log_new_params(handler: MLFlowHandler, log_params):
+    """``MLFlowHandler._log_params`` for a run that may be a resumed one: parameters already logged
+    are not logged again, and those whose value changed become ``resumed.<key>`` tags (MLflow raises
+    on a changed parameter, which would switch tracking off for the rest of the training)."""
+
+    @functools.wraps(log_params)
+    def log(params: dict) -> None:
+        if handler.cur_run is None:
+            return log_params(params)
+        logged = handler.client.get_run(handler.cur_run.info.run_id).data.params
+        if not logged:
+            return log_params(params)
+        new = {k: v for k, v in params.items() if k not in logged}
+        changed = {k: str(v) for k, v in params.items() if k in logged and logged[k] != str(v)}
+        for k, v in changed.items():
+            handler.client.set_tag(handler.cur_run.info.run_id, f"resumed.{k}", v[:5000])
+        if changed:
+            logger.info(f"MLflow run {handler.cur_run.info.run_id} continued; changed parameters kept as resumed.* tags: {sorted(changed)}")
+        if new:
+            log_params(new)
+
+    return log
+
+
+RUN_NAME_FILE = "mlflow_run_name"
+
+
+def run_name(ckpt_dir: str | os.PathLike, resume_path: str | None = None, save: bool = True) -> str:
+    """The MLflow run name of a training, kept in ``<ckpt_dir>/mlflow_run_name``.
+
+    MONAI's ``MLFlowHandler`` continues the newest unfinished run with its ``run_name`` or creates
+    one. A training resumed from a checkpoint (``resume_path`` set) reuses the saved name, so the
+    run left ``RUNNING`` by a killed training is continued rather than duplicated; a fresh training
+    gets (and saves) a new name. Without a name the handler would attach to *any* unfinished run of
+    the experiment, e.g. one of an unrelated killed training. ``save=False`` (evaluation): a new name,
+    not saved (the training's stays).
+    """
+    path = Path(ckpt_dir) / RUN_NAME_FILE
+    if resume_path and path.is_file():
+        name = path.read_text().strip()
+        if name:
+            return name
+    name = f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
+    if save and int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 tracks
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(name + "\n")
+        os.replace(tmp, path)
+    return name
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

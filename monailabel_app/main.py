@@ -39,6 +39,7 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
 from lib.datastore import open_datastore  # noqa: E402
 from lib.infers import BraTSBundleInfer  # noqa: E402
+from lib.security import harden_server, request_has_upload  # noqa: E402
 from lib.scoring import EpistemicMCDropoutScoring  # noqa: E402
 from lib.trainers import BraTSBundleTrain  # noqa: E402
 
@@ -86,6 +87,7 @@ def parse_conf(conf: Dict[str, str]) -> dict:
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.options = parse_conf(conf)
+        self.options.update(harden_server(conf))  # upload limit, id guard, no sessions/model uploads, token check (lib/security.py)
         self.layout = None
         super().__init__(
             app_dir=app_dir,
@@ -154,7 +156,7 @@ class MyApp(MONAILabelApp):
         network input (a 4D NIfTI or the four modality files of a BraTS case folder)."""
         datastore = datastore or self.datastore()
         image = request.get("image")
-        if isinstance(image, str) and os.path.isfile(image) and os.path.dirname(os.path.realpath(image)) == os.path.realpath(tempfile.gettempdir()):
+        if request_has_upload() and isinstance(image, str) and os.path.isfile(image) and os.path.dirname(os.path.realpath(image)) == os.path.realpath(tempfile.gettempdir()):
             return super().infer(request, datastore)  # a file uploaded with the request (stored by the endpoint in the temp dir)
         if not hasattr(datastore, "model_input"):  # e.g. a DICOMweb datastore
             return super().infer(request, datastore)

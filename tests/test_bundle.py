@@ -94,7 +94,7 @@ def test_training_writes_best_model_resume_checkpoint_and_mlflow_run(trained):
 def test_resume_after_sigkill_continues_from_last_checkpoint(data, tmp_path):
     args = [PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", configs("train.json", "quick.json"),
             "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(data["2021"]), "--bundle_root", str(tmp_path),
-            *TINY, "--val_interval", "10"]
+            *TINY, "--val_interval", "10", "--tracking", "mlflow", "--experiment_name", "resume"]
     proc = subprocess.Popen([*args, "--epochs", "50"], cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
@@ -114,6 +114,15 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(data, tmp_path):
     log = resumed.stdout + resumed.stderr
     assert f"Epoch: {epoch + 1}/{epoch + 2}" in log and "Epoch: 1/" not in log
     assert [p.name for p in (tmp_path / "models").glob("resume_*.pt")] == [f"resume_checkpoint_epoch={epoch + 2}.pt"]
+    # MLflow: the killed run (left RUNNING) is continued and finished, not duplicated
+    assert "MLflow tracking failed" not in log
+    con = sqlite3.connect(tmp_path / "eval" / "mlruns.db")
+    runs = con.execute("select run_uuid, status from runs").fetchall()
+    assert len(runs) == 1 and runs[0][1] == "FINISHED", runs
+    steps = {s for (s,) in con.execute("select step from metrics where key='train_loss_epoch'")}
+    assert {1, epoch + 1, epoch + 2} <= steps, steps  # epochs before and after the kill, in one run
+    tags = dict(con.execute("select key, value from tags").fetchall())
+    assert tags.get("resumed.epochs") == str(epoch + 2)  # the resumed command's changed parameter
 
 
 def test_evaluation_metrics_match_an_independent_computation(trained, data, tmp_path):

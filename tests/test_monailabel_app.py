@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,28 +21,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "monailabel_app"
-VENV_BIN = Path(sys.executable).parent
-CONFIGS = "inference.json,quick.json"
-# Tiny and fast on 2 CPU cores; use_crf: the bundle default, explicit (the app runs inference.json's CRF).
-OVERRIDES = {"use_crf": True, "spacing": [5.0, 5.0, 5.0], "roi_size": [64, 32, 32], "num_samples": 1, "warmup_epochs": 1}
-MODEL = "brats"
-STARTUP_TIMEOUT = 180
+import mlapp_server  # (server launcher shared with test_server_safety.py and benchmarks/load_test.py)
+from mlapp_server import APP, CONFIGS, MODEL, OVERRIDES, REPO  # noqa: F401
 
 sys.path.insert(0, str(APP))  # the app's own `lib` package, as the launcher does
-from lib.bundle_config import load_bundle_config  # noqa: E402
 from lib.infers.brats_bundle import BraTSBundleInfer  # noqa: E402
 
 from custom.synthetic import write_dataset  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sha(path) -> str:
@@ -52,52 +36,20 @@ def _sha(path) -> str:
 
 
 def _bundle_copy(root: Path, with_weights: bool) -> Path:
-    shutil.copytree(REPO / "bundle" / "configs", root / "configs")
-    (root / "models").mkdir(parents=True)
-    if with_weights:
-        parser = load_bundle_config(str(root), CONFIGS.split(","), OVERRIDES)
-        torch.manual_seed(0)
-        torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
-    return root
+    return mlapp_server.bundle_copy(root, with_weights)
 
 
 def _start_server(tmp: Path, studies: Path):
     bundle_root = _bundle_copy(tmp / "bundle", with_weights=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    log = open(tmp / "server.log", "w")
-    cmd = [
-        str(VENV_BIN / "monailabel"), "start_server", "--app", str(APP), "--studies", str(studies),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "models", MODEL, "--conf", "bundle_root", str(bundle_root),
-        "--conf", "bundle_configs", CONFIGS, "--conf", "mc_samples", "4",
-        "--conf", "bundle_overrides", json.dumps(OVERRIDES, separators=(",", ":")),  # no spaces: the launcher re-splits `$*`
-    ]
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-4000:]}")
-        try:
-            requests.get(f"{url}/info/", timeout=10).raise_for_status()
-            break
-        except requests.RequestException:
-            if time.monotonic() > deadline:
-                _stop(proc)
-                pytest.fail(f"server not up after {STARTUP_TIMEOUT} s:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
-    return proc, log, {"url": url, "studies": studies, "tmp": tmp, "log": tmp / "server.log", "bundle": bundle_root}
+    try:
+        proc, server = mlapp_server.launch(tmp, studies, bundle_root)
+    except mlapp_server.ServerError as e:
+        pytest.fail(str(e))
+    return proc, open(os.devnull), server  # (the log file is the server's, written by its own process)
 
 
 def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)  # the launcher starts python as a child: stop the whole group
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+    mlapp_server.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,15 @@ def test_unreachable_tracking_server_does_not_stop_training(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MLflow tracking failed" in proc.stdout + proc.stderr
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_run_name_is_reused_only_when_resuming(tmp_path):
+    from custom.tracking import RUN_NAME_FILE, run_name
+
+    first = run_name(tmp_path)
+    assert (tmp_path / RUN_NAME_FILE).read_text().strip() == first
+    assert run_name(tmp_path, resume_path=str(tmp_path / "resume_checkpoint_epoch=2.pt")) == first  # resumed: same run
+    evaluation = run_name(tmp_path, None, save=False)
+    assert evaluation != first and (tmp_path / RUN_NAME_FILE).read_text().strip() == first  # evaluation: own run, name kept
+    fresh = run_name(tmp_path)
+    assert fresh != first and (tmp_path / RUN_NAME_FILE).read_text().strip() == fresh  # a new training: a new run

@@ -109,6 +109,31 @@ def atomic_write_text(path: str, text: str) -> None:
             os.remove(tmp)
 
 
+TEMP_SUFFIX = re.compile(r"\.[0-9a-f]{32}\.tmp$")  # atomic_copy / atomic_write_text temporary files
+
+
+def remove_stale_temp_files(studies: str) -> list[str]:
+    """Remove the temporary files of :func:`atomic_copy` / :func:`atomic_write_text` left in ``studies``
+    (and ``labels/<tag>/``) by a process killed between writing and renaming; returns their paths.
+
+    They are never counted as images or labels (their names end with ``.tmp``); this only keeps the
+    folder clean. Done under the datastore's file lock, which every writer holds while its temporary
+    file exists, so no write in progress is touched."""
+    removed: list[str] = []
+    labels = os.path.join(studies, "labels")
+    with FileLock(os.path.join(studies, ".lock")):
+        folders = [studies] + ([os.path.join(labels, t) for t in os.listdir(labels) if os.path.isdir(os.path.join(labels, t))] if os.path.isdir(labels) else [])
+        for folder in folders:
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if TEMP_SUFFIX.search(name) and os.path.isfile(path):
+                    os.remove(path)
+                    removed.append(path)
+    if removed:
+        logger.warning(f"Removed {len(removed)} temporary file(s) of an interrupted write: {removed[:5]}")
+    return removed
+
+
 def label_suffix(filename: str) -> str:
     """``.nii.gz`` or ``.nii`` of an uploaded label's name; HTTP 415 for anything else."""
     for suffix in LABEL_SUFFIXES:
@@ -239,11 +264,11 @@ class CheckedLocalDatastore(LocalDatastore):
         name = image_id + suffix
         with FileLock(self._lock_file):
             self._reload_locked()
-            for other in LABEL_SUFFIXES:  # one file per (image, tag): drop a previous one with the other suffix
-                stale = os.path.join(label_path, image_id + other)
+            atomic_copy(label_filename, os.path.join(label_path, name))
+            for other in LABEL_SUFFIXES:  # one file per (image, tag): then drop a previous one with the other suffix
+                stale = os.path.join(label_path, image_id + other)  # (after the copy: a kill in between keeps a complete label)
                 if other != suffix and os.path.exists(stale):
                     os.remove(stale)
-            atomic_copy(label_filename, os.path.join(label_path, name))
             info = dict(label_info or {})
             info.update(ts=int(time.time()), name=name)
             self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=suffix)
@@ -265,7 +290,22 @@ class CheckedLocalDatastore(LocalDatastore):
                 check_image_voxels(data[..., c], f"{where} (channel {c})")
         except BraTSDataError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
-        return super().add_image(image_id, image_filename, image_info)
+        return self._add_image_atomically(image_id, image_filename, image_info)
+
+    def _add_image_atomically(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        """``LocalDatastore.add_image`` with the copy written to a temporary file and renamed: a server
+        killed mid-copy leaves no half-written image for the next start to register."""
+        ext = label_suffix(image_filename)
+        with FileLock(self._lock_file):
+            self._reload_locked()
+            if image_id in self._datastore.objects:
+                raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; images are never overwritten")
+            atomic_copy(image_filename, os.path.join(self._datastore.image_path(), image_id + ext))
+            info = dict(image_info or {})
+            info.update(ts=int(time.time()), name=image_id + ext)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._update_datastore_file(lock=False)
+        return image_id
 
     def remove_image(self, image_id: str) -> None:
         raise HTTPException(status_code=403, detail="images are part of the studies folder and are not deleted through the API")
@@ -282,10 +322,26 @@ class CheckedLocalDatastore(LocalDatastore):
             self._datastore.objects[image_id].image.info.update(info)
             self._update_datastore_file(lock=False)
 
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        with FileLock(self._lock_file):
+            self._reload_locked()
+            label = self._datastore.label(self.require_image(label_id), check_id(label_tag, "label tag"))
+            if label is None:
+                raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
+            label.info.update(info)
+            self._update_datastore_file(lock=False)
+
     # Reads see what other processes wrote (MONAI Label runs training and scoring in subprocesses).
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
         self._init_from_datastore_file()
-        return super().get_image_info(image_id)
+        return super().get_image_info(self.require_image(image_id))
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        self._init_from_datastore_file()
+        label = self._datastore.label(self.require_image(label_id), check_id(label_tag, "label tag"))
+        if label is None:
+            raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
+        return label.info
 
     def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
         self._init_from_datastore_file()
@@ -444,6 +500,8 @@ def open_datastore(studies: str, **kwargs) -> tuple[CheckedLocalDatastore, Layou
         layout = detect_layout(studies)
     except BraTSDataError:
         layout = None
+    if not kwargs.get("read_only") and os.path.isdir(studies):
+        remove_stale_temp_files(studies)
     if layout is None:
         return CheckedLocalDatastore(studies, convention=LAYOUTS["msd"].convention, **kwargs), LAYOUTS["msd"]
     return BraTSDatastore(studies, layout, **kwargs), layout

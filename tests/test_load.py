@@ -1,0 +1,33 @@
+"""benchmarks/load_test.py at a small size: its own server on loopback, 100 requests from 16 clients
+(inference and label saves) while a training job runs; every request answered, none failed, server
+memory flat between the two halves of the run, training finished and inference unharmed by it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, run_env
+
+
+def test_load_script_small_run(tmp_path):
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "load_test.py"), "--start-server", "--workdir", str(tmp_path / "work"),
+           "--cases", "3", "--requests", "100", "--concurrency", "16", "--label-fraction", "0.9", "--train",
+           "--max-growth-mb-per-request", "1.0", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    print(proc.stdout, proc.stderr[-3000:])
+    assert out.is_file(), proc.stderr[-5000:]
+    report = json.loads(out.read_text())
+    assert report["answered"] == report["requests"] == 100
+    assert report["failures"] == 0, report["failure_samples"]
+    assert report["by_kind"]["infer"]["requests"] > 0 and report["by_kind"]["label"]["requests"] > 0
+    assert report["rss_growth_mib_per_request"] <= 1.0, report  # no per-request leak
+    assert 0 < report["rss_peak_mib"] < 4096
+    training = report["training"]
+    assert training["post_status"] == 200 and training["final_status"] == "DONE", training
+    assert training["infer_while_training"] > 0 and training["infer_failed_while_training"] == 0, training
+    assert proc.returncode == 0 and "PASSED" in proc.stdout
+    for line in ("requests", "failures", "p50", "p95", "peak"):
+        assert line in proc.stdout
