@@ -158,7 +158,7 @@ class MyApp(MONAILabelApp):
         image = request.get("image")
         if request_has_upload() and isinstance(image, str) and os.path.isfile(image) and os.path.dirname(os.path.realpath(image)) == os.path.realpath(tempfile.gettempdir()):
             return super().infer(request, datastore)  # a file uploaded with the request (stored by the endpoint in the temp dir)
-        if not hasattr(datastore, "model_input"):  # e.g. a DICOMweb datastore
+        if not hasattr(datastore, "model_input"):  # MONAI Label's own remote datastores (XNAT, DSA)
             return super().infer(request, datastore)
         image_id = datastore.require_image(image)
         model_input = datastore.model_input(image_id)
