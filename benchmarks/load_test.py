@@ -1,24 +1,26 @@
 """Bounded load test of the MONAI Label app: concurrent inference requests and label saves.
 
-Sends ``--requests`` requests (a mix of ``POST /infer/brats`` and ``PUT /datastore/label``) with
-``--concurrency`` clients to a server on 127.0.0.1, optionally while a training job (``POST
-/train/brats``) runs, samples the server's resident memory (RSS) throughout, and prints requests,
-failures, p50/p95 latency, peak RSS and the RSS growth per request. Exit status 1 if a request
-failed or got no answer, the memory grew by more than ``--max-growth-mb-per-request`` between the
-two halves of the run, or (``--train``) the training job did not finish ``DONE`` or no inference
-request ran while it did.
+Three phases, ``--concurrency`` clients each, a mix of ``POST /infer/brats`` and ``PUT
+/datastore/label`` (``--label-fraction``) on 127.0.0.1:
+
+1. ``--train``: ``POST /train/brats``, then waves of ``--concurrency`` requests for as long as the
+   training job runs (it must finish ``DONE``, and inference requests must have run meanwhile);
+2. ``--warmup`` requests (default 32): one-off allocations (the model reloaded after training,
+   caches, allocator arenas of the worker threads) happen here;
+3. the measured ``--requests``, in two halves; the server's resident memory (RSS) is read when
+   each half has finished (no request in flight). Growth per request = (RSS after the second
+   half - RSS after the first half) / (requests / 2); a per-request leak shows up there. Default
+   tolerance 1 MiB per request (an inference result left behind is about 7 MiB on the small
+   synthetic volumes).
+
+Prints requests, failures, p50/p95 latency of the measured phase, failures of every phase, peak
+RSS and the growth per request. Exit status 1 if any request failed or got no answer, the memory
+grew by more than ``--max-growth-mb-per-request``, or the training job failed.
 
 Latency is mostly queueing: MONAI Label 0.8.5's endpoints are ``async`` functions that do their
 work (inference, label checks) without leaving the event loop, so one server process answers one
 request at a time; the clients' concurrency becomes a queue (a label save waits behind the
 inferences sent before it). Training runs in its own process.
-
-Memory: the run is split into two halves of ``requests / 2``; RSS is read when each half has
-finished (no request in flight). Growth per request = (RSS after the second half - RSS after the
-first half) / (requests / 2). The first half absorbs one-off allocations (model loading, caches,
-allocator arenas of the worker threads); a per-request leak shows up in the second. Default
-tolerance 1 MiB per request (an inference result left behind is about 7 MiB on the small synthetic
-volumes).
 
     # its own server on a free loopback port (synthetic studies, tiny untrained network)
     python benchmarks/load_test.py --start-server --requests 100 --concurrency 16 --train
@@ -32,7 +34,6 @@ import argparse
 import io
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -162,7 +163,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_load(url: str, proc: psutil.Process, n_requests: int, concurrency: int, label_fraction: float, train: bool,
-             train_epochs: int, crf: bool, timeout: float, max_growth: float, seed: int = 0) -> dict:
+             train_epochs: int, crf: bool, timeout: float, max_growth: float, warmup: int, seed: int = 0) -> dict:
     info = requests.get(f"{url}/info/", timeout=30).json()
     values = sorted(info["models"][MODEL]["labels"].values())
     ds = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
@@ -173,71 +174,89 @@ def run_load(url: str, proc: psutil.Process, n_requests: int, concurrency: int, 
     log(f"{len(images)} images, label files ready")
 
     rng = np.random.default_rng(seed)
-    plan = [("label" if rng.random() < label_fraction else "infer", images[i % len(images)]) for i in range(n_requests)]
+
+    def requests_from(i0: int, n: int) -> list[tuple[int, str, str]]:
+        return [(i, "label" if rng.random() < label_fraction else "infer", images[i % len(images)]) for i in range(i0, i0 + n)]
+
     sampler = RssSampler(proc)
     sampler.start()
     rss_start = sampler.rss()
-
-    train_info = {"requested": train}
-    if train:  # every image needs a final label first (the training datalist); these saves are set-up, not counted
-        for image_id in images:
-            requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"},
-                         files={"label": ("label.nii.gz", labels[image_id][0])}, timeout=120).raise_for_status()
-        r = requests.post(f"{url}/train/{MODEL}", json={"max_epochs": train_epochs, "val_split": 0.34}, timeout=60)
-        train_info.update(post_status=r.status_code, post_answer=r.text[:300])
-        train_info["t_start"] = time.monotonic()
-        log(f"POST /train/{MODEL}: {r.status_code}")
-
     results: list[dict] = []
 
-    halves = [plan[: n_requests // 2], plan[n_requests // 2:]]
-    rss_after = []
-    offset = 0
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for half in halves:
-            futures = [pool.submit(one_request, url, offset + k, kind, image_id,
-                                   labels[image_id][(offset + k) % 3] if kind == "label" else None, crf, timeout)
-                       for k, (kind, image_id) in enumerate(half)]
-            results += [f.result() for f in futures]  # waits for every request of the half
-            offset += len(half)
-            rss_after.append(sampler.rss())
-            log(f"{offset} requests answered, {sum(not r['ok'] for r in results)} failed, server RSS {rss_after[-1] / MiB:.0f} MiB")
-    wall = time.monotonic() - t0
+    def send(pool: ThreadPoolExecutor, batch: list[tuple[int, str, str]], phase: str) -> list[dict]:
+        futures = [pool.submit(one_request, url, i, kind, image_id, labels[image_id][i % 3] if kind == "label" else None,
+                               crf, timeout) for i, kind, image_id in batch]
+        out = [{**f.result(), "phase": phase} for f in futures]  # waits for every request of the batch
+        results.extend(out)
+        return out
 
-    if train:
-        deadline = time.monotonic() + max(600.0, timeout)
-        while str(training_status(url).get("status")) in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
-            time.sleep(1.0)
-        final = training_status(url)
-        log(f"training {final.get('status')}")
-        # the training's time window as the server saw it (its start_ts / end_ts, local time, 1 s resolution)
-        window = [time.mktime(time.strptime(final[k], "%Y-%m-%d %H:%M:%S")) for k in ("start_ts", "end_ts") if final.get(k)]
-        during = [r for r in results if r["kind"] == "infer" and len(window) == 2 and r["end"] >= window[0] and r["start"] <= window[1] + 1]
-        train_info.update(final_status=final.get("status"), start_ts=final.get("start_ts"), end_ts=final.get("end_ts"),
-                          details_tail=(final.get("details") or [])[-3:],
-                          infer_while_training=len(during), infer_failed_while_training=sum(not r["ok"] for r in during))
+    train_info = {"requested": train}
+    sent = 0
+    with ThreadPoolExecutor(concurrency) as pool:
+        if train:  # every image needs a final label first (the training datalist); these saves are set-up, not counted
+            for image_id in images:
+                requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"},
+                             files={"label": ("label.nii.gz", labels[image_id][0])}, timeout=120).raise_for_status()
+            r = requests.post(f"{url}/train/{MODEL}", json={"max_epochs": train_epochs, "val_split": 0.34}, timeout=60)
+            train_info.update(post_status=r.status_code, post_answer=r.text[:300])
+            log(f"POST /train/{MODEL}: {r.status_code}")
+            # phase 1: waves of `concurrency` requests for as long as the training job runs
+            deadline = time.monotonic() + max(600.0, timeout)
+            while r.status_code == 200 and time.monotonic() < deadline:
+                send(pool, requests_from(sent, concurrency), "training")
+                sent += concurrency
+                if str(training_status(url).get("status")) not in ("SUBMITTED", "RUNNING"):
+                    break
+            final = training_status(url)
+            log(f"training {final.get('status')}; {sent} requests sent while it ran")
+            # the training's time window as the server saw it (its start_ts / end_ts, local time, 1 s resolution)
+            window = [time.mktime(time.strptime(final[k], "%Y-%m-%d %H:%M:%S")) for k in ("start_ts", "end_ts") if final.get(k)]
+            during = [r for r in results if r["kind"] == "infer" and len(window) == 2 and r["end"] >= window[0] and r["start"] <= window[1] + 1]
+            train_info.update(final_status=final.get("status"), start_ts=final.get("start_ts"), end_ts=final.get("end_ts"),
+                              details_tail=(final.get("details") or [])[-3:], requests_sent=sent,
+                              infer_while_training=len(during), infer_failed_while_training=sum(not r["ok"] for r in during))
+        # phase 2: warm-up (model reload after training, caches, allocator arenas of the worker threads)
+        if warmup:
+            send(pool, requests_from(sent, warmup), "warmup")
+            sent += warmup
+            log(f"{warmup} warm-up requests answered, server RSS {sampler.rss() / MiB:.0f} MiB")
+        # phase 3: the measured requests, in two halves; RSS read when each half has finished
+        rss_after = []
+        t0 = time.monotonic()
+        for n in (n_requests // 2, n_requests - n_requests // 2):
+            send(pool, requests_from(sent, n), "measured")
+            sent += n
+            rss_after.append(sampler.rss())
+            measured = [r for r in results if r["phase"] == "measured"]
+            log(f"{len(measured)} measured requests answered, {sum(not r['ok'] for r in measured)} failed, "
+                f"server RSS {rss_after[-1] / MiB:.0f} MiB")
+        wall = time.monotonic() - t0
     sampler.stop()
 
-    half_n = max(1, len(halves[1]))
+    half_n = max(1, n_requests - n_requests // 2)
     growth = (rss_after[1] - rss_after[0]) / MiB / half_n
+    measured = [r for r in results if r["phase"] == "measured"]
     failures = [r for r in results if not r["ok"]]
     by_kind = {}
     for kind in ("infer", "label"):
-        lat = [r["latency"] for r in results if r["kind"] == kind]
-        by_kind[kind] = {"requests": len(lat), "failures": sum(1 for r in failures if r["kind"] == kind),
+        lat = [r["latency"] for r in measured if r["kind"] == kind]
+        by_kind[kind] = {"requests": len(lat), "failures": sum(1 for r in failures if r["kind"] == kind and r["phase"] == "measured"),
                          "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95)}
-    lat = [r["latency"] for r in results]
+    lat = [r["latency"] for r in measured]
     report = {
-        "url": url, "requests": n_requests, "answered": sum(r["status"] is not None for r in results),
-        "failures": len(failures), "concurrency": concurrency, "wall_s": wall, "throughput_rps": n_requests / wall if wall else 0,
+        "url": url, "requests": n_requests, "answered": sum(r["status"] is not None for r in measured),
+        "failures": sum(1 for r in failures if r["phase"] == "measured"), "concurrency": concurrency, "wall_s": wall,
+        "throughput_rps": n_requests / wall if wall else 0,
         "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "by_kind": by_kind,
+        "all_requests": len(results), "all_answered": sum(r["status"] is not None for r in results), "all_failures": len(failures),
+        "warmup_requests": warmup,
         "rss_start_mib": rss_start / MiB, "rss_after_first_half_mib": rss_after[0] / MiB, "rss_after_second_half_mib": rss_after[1] / MiB,
         "rss_peak_mib": sampler.peak / MiB, "rss_peak_with_children_mib": sampler.peak_children / MiB,
         "rss_growth_mib_per_request": growth, "max_growth_mib_per_request": max_growth,
         "training": train_info, "failure_samples": failures[:5],
     }
-    report["passed"] = (report["failures"] == 0 and report["answered"] == n_requests and growth <= max_growth
+    report["passed"] = (not failures and report["all_answered"] == len(results) and report["answered"] == n_requests
+                        and growth <= max_growth
                         and (not train or (train_info.get("post_status") == 200 and train_info.get("final_status") == "DONE"
                                            and train_info.get("infer_while_training", 0) > 0)))
     return report
@@ -246,7 +265,8 @@ def run_load(url: str, proc: psutil.Process, n_requests: int, concurrency: int, 
 def print_report(rep: dict) -> None:
     print(f"server {rep['url']}: {rep['requests']} requests, concurrency {rep['concurrency']}, {rep['wall_s']:.1f} s "
           f"({rep['throughput_rps']:.2f} req/s)")
-    print(f"  answered {rep['answered']}/{rep['requests']}, failures {rep['failures']}")
+    print(f"  answered {rep['answered']}/{rep['requests']}, failures {rep['failures']} "
+          f"(all phases: {rep['all_answered']}/{rep['all_requests']} answered, {rep['all_failures']} failed)")
     print(f"  latency p50 {rep['p50_s']:.2f} s, p95 {rep['p95_s']:.2f} s")
     for kind, k in rep["by_kind"].items():
         print(f"    {kind:5s}: {k['requests']:4d} requests, {k['failures']} failed, p50 {k['p50_s']:.2f} s, p95 {k['p95_s']:.2f} s")
@@ -254,12 +274,12 @@ def print_report(rep: dict) -> None:
           f"after half 2 {rep['rss_after_second_half_mib']:.0f} MiB, peak {rep['rss_peak_mib']:.0f} MiB "
           f"(with child processes {rep['rss_peak_with_children_mib']:.0f} MiB)")
     print(f"  RSS growth {rep['rss_growth_mib_per_request']:+.3f} MiB/request over the second half "
-          f"(tolerance {rep['max_growth_mib_per_request']} MiB/request)")
+          f"(tolerance {rep['max_growth_mib_per_request']} MiB/request; after {rep['warmup_requests']} warm-up requests)")
     t = rep["training"]
     if t.get("requested"):
         print(f"  training: POST {t.get('post_status')}, final status {t.get('final_status')}, "
               f"({t.get('start_ts')} .. {t.get('end_ts')}); {t.get('infer_while_training')} inference requests ran while it did, "
-              f"{t.get('infer_failed_while_training')} of them failed")
+              f"{t.get('infer_failed_while_training')} of them failed ({t.get('requests_sent')} requests sent while it ran)")
     for f in rep["failure_samples"]:
         print(f"  FAILED #{f['i']} {f['kind']}: {f['status']} {f['error']}")
     print("PASSED" if rep["passed"] else "FAILED")
@@ -295,6 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--crf", action="store_true", help="inference with the dense CRF (slower)")
     p.add_argument("--timeout", type=float, default=600, help="per request, seconds")
     p.add_argument("--max-growth-mb-per-request", type=float, default=1.0)
+    p.add_argument("--warmup", type=int, default=32, help="requests after the training phase, before the measured ones")
     p.add_argument("--json", type=Path, help="also write the report here")
     p.add_argument("--workdir", type=Path, help="for --start-server (default: a temporary folder, removed afterwards)")
     args = p.parse_args(argv)
@@ -317,7 +338,7 @@ def main(argv=None) -> int:
             url = args.url.rstrip("/")
             proc = server_process(url, args.pid)
         report = run_load(url, proc, args.requests, args.concurrency, args.label_fraction, args.train, args.train_epochs,
-                          args.crf, args.timeout, args.max_growth_mb_per_request)
+                          args.crf, args.timeout, args.max_growth_mb_per_request, args.warmup)
     finally:
         if server is not None:
             ms.stop(server)
