@@ -123,7 +123,7 @@ def count_windows(image_size, roi, overlap) -> int:
 
 
 def network_args(parser) -> dict:
-    return {k: parser[k] for k in ("feature_size", "depths", "num_heads", "roi_size", "sw_batch_size", "sw_overlap", "spacing")}
+    return {k: parser.get_parsed_content(k) for k in ("feature_size", "depths", "num_heads", "roi_size", "sw_batch_size", "sw_overlap", "spacing")}
 
 
 def read_parser(config_files):
@@ -291,7 +291,7 @@ def worker_bundle(spec: dict) -> dict:
         roi = [max(-(-g // 32) * 32, 64) for g in timed.grid]
         windows, overlap = 1, 0.0
     return {"rows": rows, "grid": timed.grid, "windows": windows, "roi": roi, "overlap": overlap,
-            "sw_batch_size": int(p["sw_batch_size"]), "threads": torch.get_num_threads(), "oracle": bool(cached)}
+            "sw_batch_size": int(p.get_parsed_content("sw_batch_size")), "threads": torch.get_num_threads(), "oracle": bool(cached)}
 
 
 def worker_window(spec: dict) -> dict:
@@ -474,7 +474,7 @@ def worker_check(spec: dict) -> dict:
                     dices[name].append(region_dice(y.numpy() > 0.5, y_ref.numpy() > 0.5))
                     gt_dice[name].append(region_dice(y.numpy() > 0.5, gt))
                     maxdiff[name] = max(maxdiff[name], float((y - y_ref).abs().max()))
-            cases_done.append(f"{c.case_id} {list(x.shape[2:])}")
+            cases_done.append(f"{os.path.basename(case_dir)}/{c.case_id} {list(x.shape[2:])}")
 
     def mean_min(rows):
         return {r: (float(np.mean([row[r] for row in rows])), float(np.min([row[r] for row in rows]))) for r in ("TC", "WT", "ET")}
