@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup test demo data clean-venv orthanc system-deps
+.PHONY: setup test demo data clean-venv orthanc system-deps pretrain
 
 setup: $(STAMP)
 
@@ -22,6 +22,19 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m custom.demo
+
+# The shipped model: generated data only (bundle/configs/pretrain.json), seeded and resumable (run it
+# again after an interruption), then exported to bundle/models/model.pt (fp16) + model.json.
+PRETRAIN_CASES ?= 400
+PRETRAIN_SEED  ?= 1
+PRETRAIN_DATA  ?= data/pretrain
+pretrain: $(STAMP)
+	test -f $(PRETRAIN_DATA)/.complete || ($(PY) -m custom.synthetic --out $(PRETRAIN_DATA) --cases $(PRETRAIN_CASES) \
+		--seed $(PRETRAIN_SEED) --layout 2021 --size medium --workers 2 -q && touch $(PRETRAIN_DATA)/.complete)
+	$(PY) -m monai.bundle run training --meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf \
+		--config_file "['bundle/configs/train.json','bundle/configs/pretrain.json']" --dataset_dir $(PRETRAIN_DATA) --resume true
+	$(PY) tools/export_weights.py --checkpoint runs/pretrain/models/model.pt --out bundle/models/model.pt --command "make pretrain" \
+		--note "generated data only: custom.synthetic seed $(PRETRAIN_SEED), $(PRETRAIN_CASES) cases, 2 mm"
 
 clean-venv:
 	rm -rf $(VENV)

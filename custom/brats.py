@@ -14,6 +14,12 @@ Canonical channel order everywhere in this project (network input channel 0..3):
 T1, T1ce (T1 post-contrast, t1c/t1gd), T2, FLAIR (t2f). Per-modality layouts list the four files
 in that order; for MSD the one 4D file is reordered with ``Layout.channel_index``.
 
+Missing sequences: a per-modality case may lack some of the four files as long as it has FLAIR or
+T2 (``REQUIRED_ANY``; the model is trained with random sequence dropout). ``BraTSCase.sequences``
+names the sequences present (canonical order) and ``images`` holds only their files; the bundle's
+loader (``custom.transforms.CheckedLoadImaged``) fills each missing channel with zeros. A case with
+neither FLAIR nor T2 is refused naming what it has. MSD 4D images are always complete.
+
 Output regions (network output channel 0..2): ``REGIONS`` = TC (tumour core: NCR + ET),
 WT (whole tumour: NCR + ED + ET), ET (enhancing tumour).
 
@@ -50,6 +56,10 @@ import nibabel as nib
 import numpy as np
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
+REQUIRED_ANY = ("flair", "t2")
+"""A case must hold at least one of these sequences (the model accepts any subset of ``MODALITIES``
+that contains one of them); the others may be missing."""
+SEQUENCE_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 REGIONS = ("TC", "WT", "ET")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -138,21 +148,59 @@ MSD_MODALITY_NAMES = {"t1": ("t1w", "t1", "t1n"), "t1ce": ("t1gd", "t1ce", "t1c"
 class BraTSCase:
     """One case: its id, image file(s) in canonical channel order, and label file (or None).
 
-    ``images`` holds four 3D files (per-modality layouts) or one 4D file (MSD, reordered with
-    ``layout.channel_index`` when loaded).
+    ``images`` holds one 3D file per available sequence (per-modality layouts) or one 4D file (MSD,
+    reordered with ``layout.channel_index`` when loaded). ``sequences``: the names (``MODALITIES``)
+    of the sequences present, canonical order; for a per-modality case ``images[i]`` is the file of
+    ``sequences[i]``. All four for complete cases and MSD.
     """
 
     case_id: str
     images: tuple[str, ...]
     label: str | None
     layout: Layout
+    sequences: tuple[str, ...] = MODALITIES
+
+    @property
+    def complete(self) -> bool:
+        return tuple(self.sequences) == MODALITIES
+
+    @property
+    def display_image(self) -> str:
+        """The file an annotator sees: the FLAIR, else the T2 (a per-modality case), or the 4D file."""
+        if len(self.images) == 1 and self.complete:
+            return self.images[0]
+        for m in ("flair", "t2"):
+            if m in self.sequences:
+                return self.images[self.sequences.index(m)]
+        return self.images[0]
 
     def to_dict(self) -> dict:
-        """A MONAI datalist entry: ``image`` (a path or a list of four), ``label`` when present."""
-        item: dict = {"case_id": self.case_id, "image": list(self.images) if len(self.images) > 1 else self.images[0]}
+        """A MONAI datalist entry: ``image`` (a path or a list of the available sequences' paths in
+        canonical order), ``sequences`` (their names), ``label`` when present."""
+        one_4d = len(self.images) == 1 and self.complete
+        item: dict = {"case_id": self.case_id, "image": self.images[0] if one_4d else list(self.images), "sequences": list(self.sequences)}
         if self.label is not None:
             item["label"] = self.label
         return item
+
+
+def describe_sequences(sequences) -> str:
+    """``('t1ce', 'flair')`` -> ``'T1ce, FLAIR'``."""
+    return ", ".join(SEQUENCE_NAMES.get(m, m) for m in sequences)
+
+
+def check_sequences(sequences, where: str) -> tuple[str, ...]:
+    """The sequence names ``sequences`` in canonical order; ``BraTSDataError`` when a name is unknown,
+    repeated, or when none of ``REQUIRED_ANY`` (FLAIR, T2) is present. ``where`` starts the message."""
+    names = [str(m).strip().lower() for m in sequences]
+    unknown = [m for m in names if m not in MODALITIES]
+    if unknown or len(set(names)) != len(names):
+        raise BraTSDataError(f"{where}: sequences must be distinct names among {', '.join(MODALITIES)}, got {list(sequences)!r}")
+    present = tuple(m for m in MODALITIES if m in names)
+    if not any(m in present for m in REQUIRED_ANY):
+        has = describe_sequences(present) if present else "no image"
+        raise BraTSDataError(f"{where}: has {has}; the model needs FLAIR or T2 (any of T1, T1ce, T2, FLAIR that includes one of them)")
+    return present
 
 
 def case_id_from_path(path: str | os.PathLike) -> str:
@@ -172,11 +220,11 @@ def strip_nifti_suffix(name: str) -> str | None:
 
 
 def _per_modality_layout(case_dir: Path) -> Layout | None:
-    """The per-modality layout whose T1ce/FLAIR names occur in ``case_dir``, if any."""
+    """The per-modality layout whose modality file names (any of the four) occur in ``case_dir``, if any."""
     stems = {strip_nifti_suffix(p.name) for p in case_dir.iterdir() if p.is_file()} - {None}
     for layout in (LAYOUTS["brats2021"], LAYOUTS["brats2023"]):
         tail = tuple(layout.separator + s for s in layout.suffixes[:4])
-        if any(stem.endswith(t) for stem in stems for t in (tail[1], tail[3])):
+        if any(stem.endswith(t) for stem in stems for t in tail):
             return layout
     return None
 
@@ -259,13 +307,17 @@ def _list_per_modality(root: Path, layout: Layout) -> list[BraTSCase]:
         for suffix, paths in files.items():
             if len(paths) > 1:
                 raise BraTSDataError(f"case {case_id}: duplicated {suffix!r} files: {', '.join(str(p) for p in paths)}")
+        present = tuple(m for m, s in zip(MODALITIES, layout.suffixes) if s in files)
         missing = [s for s in layout.suffixes[:4] if s not in files]
-        if missing:
-            expected = ", ".join(f"{case_id}{layout.separator}{s}.nii.gz" for s in missing)
-            raise BraTSDataError(f"case {case_id}: missing modality {', '.join(missing)} (expected {expected} in {case_dir})")
+        if not any(m in present for m in REQUIRED_ANY):
+            expected = ", ".join(f"{case_id}{layout.separator}{s}.nii.gz" for m, s in zip(MODALITIES, layout.suffixes) if m in REQUIRED_ANY)
+            has = describe_sequences(present) if present else "no image (only a segmentation)"
+            raise BraTSDataError(
+                f"case {case_id}: has {has}; the model needs FLAIR or T2 (missing modality {', '.join(missing)}; expected {expected} in {case_dir})"
+            )
         label = files.get(layout.suffixes[4])
-        images = tuple(str(files[s][0]) for s in layout.suffixes[:4])
-        cases.append(BraTSCase(case_id, images, str(label[0]) if label else None, layout))
+        images = tuple(str(files[s][0]) for m, s in zip(MODALITIES, layout.suffixes) if m in present)
+        cases.append(BraTSCase(case_id, images, str(label[0]) if label else None, layout, present))
     return cases
 
 
@@ -488,7 +540,7 @@ def validate_case(case: BraTSCase, read_voxels: bool = False) -> None:
     """
     cid = case.case_id
     headers = {p: load_nifti(p, cid) for p in case.images}
-    expected_ndim = 4 if len(case.images) == 1 else 3
+    expected_ndim = 4 if len(case.images) == 1 and case.complete else 3
     for path, img in headers.items():
         if len(img.shape) != expected_ndim:
             raise BraTSDataError(f"case {cid}: {path}: expected a {expected_ndim}D image, got shape {img.shape}")
@@ -600,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     layout = cases[0].layout
     labelled = sum(c.label is not None for c in cases)
     print(f"{args.dataset_dir}: layout {layout.name}, {len(cases)} cases ({labelled} labelled), labels {layout.convention.names}")
+    for c in cases:
+        if not c.complete:
+            missing = [m for m in MODALITIES if m not in c.sequences]
+            print(f"case {c.case_id}: sequences {describe_sequences(c.sequences)} (missing {describe_sequences(missing)}: zero-filled at inference)")
     return 0
 
 

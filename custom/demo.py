@@ -1,15 +1,18 @@
-"""The demo (``make demo``): synthetic data -> training -> held-out evaluation -> inference.
+"""The demo (``make demo``): the shipped model at work, then training a model of your own.
 
-Every step runs the bundle's own commands (``python -m monai.bundle run ...`` with
-``bundle/configs/quick.json``), exactly as the README documents them:
+Every step runs the bundle's own commands (``python -m monai.bundle run ...``), exactly as the
+README documents them:
 
-1. writes the embedded synthetic dataset if absent: ``data/synthetic`` (training, seed 0) and
-   ``data/synthetic_heldout`` (held-out, seed 1), BraTS 2021 layout on the 2.5 mm grid;
-2. trains on the CPU with MLflow tracking into ``runs/demo`` (a previous ``runs/demo`` is kept,
-   renamed with its time stamp);
-3. evaluates the best model on the held-out cases (``metrics.csv``, ``summary.json``);
-4. runs inference on one held-out case and renders the prediction;
-5. prints the Dice table and the paths of the MLflow store, the predicted NIfTI and the PNG.
+1. writes the generated dataset if absent: ``data/synthetic`` (training, seed 0) and
+   ``data/synthetic_heldout`` (held-out, seed 2; the shipped model was trained on seed 1), BraTS
+   2021 layout on the 2.5 mm grid;
+2. the shipped model (``bundle/models/model.pt``, no training): evaluates it on the held-out cases
+   and segments one of them with all four sequences and with FLAIR + T1ce only (``inference.json``
+   as shipped), rendering both predictions;
+3. trains a model from scratch on the CPU (``quick.json``) with MLflow tracking into ``runs/demo``
+   (a previous ``runs/demo`` is kept, renamed with its time stamp), evaluates it on the held-out
+   cases and segments the same case;
+4. prints both Dice tables and the paths of the MLflow store, the predicted NIfTI files and PNGs.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _bundle(step: str, args: list[str], log: Path) -> float:
 def make_data(train_dir: Path, heldout_dir: Path, train_cases: int, heldout_cases: int) -> None:
     from custom.synthetic import write_dataset
 
-    for out, cases, seed in ((train_dir, train_cases, 0), (heldout_dir, heldout_cases, 1)):
+    for out, cases, seed in ((train_dir, train_cases, 0), (heldout_dir, heldout_cases, 2)):
         if out.is_dir() and any(out.iterdir()):
             print(f"[data] using the existing {out}")
             continue
@@ -81,6 +84,38 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--bundle_root", str(run)]
 
     times = {}
+    from custom.brats import list_cases
+
+    case = list_cases(heldout_dir)[0]
+    one, two = run / "one_case", run / "one_case_flair_t1ce"
+    one.mkdir()
+    (one / case.case_id).symlink_to(Path(case.images[0]).parent.resolve())
+    (two / case.case_id).mkdir(parents=True)
+    for path in case.images:
+        if path.endswith(("_flair.nii.gz", "_t1ce.nii.gz")):
+            (two / case.case_id / Path(path).name).symlink_to(Path(path).resolve())
+
+    shipped = REPO / "bundle" / "models" / "model.pt"
+    shipped_summary, shipped_pngs = None, []
+    if shipped.is_file():
+        shipped_eval = run / "shipped_model_heldout_eval"
+        times["shipped evaluate"] = _bundle("shipped model: evaluate", [
+            "run", "evaluating", "--config_file", _configs("train.json", "evaluate.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+            "--dataset_dir", str(heldout_dir), *common, "--ckpt_path", str(shipped), "--output_dir", str(shipped_eval),
+        ], run / "logs" / "shipped_evaluate.log")
+        shipped_summary = json.loads((shipped_eval / "summary.json").read_text())
+        for folder, what in ((one, "all four sequences"), (two, "FLAIR + T1ce only")):
+            out = run / f"shipped_predictions_{folder.name}"
+            times[f"shipped inference ({what})"] = _bundle(f"shipped model: inference, {what}", [
+                "run", "inference", "--config_file", str(CONFIGS / "inference.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+                "--dataset_dir", str(folder), "--output_dir", str(out),
+            ], run / "logs" / f"shipped_inference_{folder.name}.log")
+            png = run / f"{case.case_id}_shipped_{folder.name}.png"
+            _render_prediction(case, out / f"{case.case_id}.nii.gz", png, f"shipped model, {what}")
+            shipped_pngs.append(png)
+    else:
+        print(f"[shipped model] {shipped} is missing: run `make pretrain` (or git lfs/checkout) to get it; skipping")
+
     times["train"] = _bundle("train", [
         "run", "training", "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", _configs("train.json", "quick.json"),
         "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(train_dir), *common,
@@ -94,12 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         "--output_dir", str(heldout_eval), "--tracking", "mlflow", "--experiment_name", "demo", "--run_name", "heldout_evaluation",
     ], run / "logs" / "evaluate.log")
 
-    from custom.brats import list_cases
-
-    case = list_cases(heldout_dir)[0]
-    one = run / "one_case"
-    one.mkdir()
-    (one / case.case_id).symlink_to(Path(case.images[0]).parent.resolve())
     predictions = run / "predictions"
     times["inference"] = _bundle("inference", [
         "run", "inference", "--config_file", _configs("inference.json", "quick.json"), "--logging_file", str(CONFIGS / "logging.conf"),
@@ -107,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     ], run / "logs" / "inference.log")
     pred_path = predictions / f"{case.case_id}.nii.gz"
     png = run / f"{case.case_id}_prediction.png"
-    _render_prediction(case, pred_path, png)
+    _render_prediction(case, pred_path, png, "model trained by this demo")
 
     summary = json.loads((heldout_eval / "summary.json").read_text())
     total = time.perf_counter() - t0
-    print("\n" + _table(summary))
+    if shipped_summary:
+        print("\nshipped model (trained on generated data only, no training in this demo):\n" + _table(shipped_summary))
+        print("overlays:         " + ", ".join(str(p) for p in shipped_pngs))
+    print("\nmodel trained by this demo (quick.json, a few minutes on the CPU):\n" + _table(summary))
     print(f"\nwall time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
     db = run / "eval" / "mlruns.db"
     print(f"MLflow store:     {db}\n  look at it with: mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1")
@@ -129,7 +161,7 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _render_prediction(case, pred_path: Path, png: Path) -> None:
+def _render_prediction(case, pred_path: Path, png: Path, what: str) -> None:
     import nibabel as nib
     import numpy as np
 
@@ -138,7 +170,7 @@ def _render_prediction(case, pred_path: Path, png: Path) -> None:
     images = [np.asarray(nib.load(p).dataobj) for p in case.images]
     pred = nib.load(pred_path)
     render_case(images, np.asarray(pred.dataobj), png, affine=pred.affine, convention="2021",
-                title=f"{case.case_id}: predicted label over FLAIR")
+                title=f"{case.case_id}: predicted label over FLAIR ({what})")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, gene
 from custom.brats import (
     LAYOUTS,
     MODALITIES,
+    REQUIRED_ANY,
     BraTSCase,
     BraTSDataError,
     detect_layout,
@@ -111,7 +112,7 @@ def load_case(path: str | os.PathLike, case_id: str | None = None) -> tuple[BraT
         for m, c in zip(MODALITIES, case.layout.channel_index):
             volumes[m] = (np.asarray(data[..., c]), img.affine)
     else:
-        for m, p in zip(MODALITIES, case.images):
+        for m, p in zip(case.sequences, case.images):  # a case may lack some sequences (custom.brats.REQUIRED_ANY)
             img = load_nifti(p, case.case_id)
             volumes[m] = (np.asarray(load_voxels(img, p, case.case_id)), img.affine)
     return case, volumes
@@ -241,7 +242,7 @@ class StudyInfo:
 
 def _content_hash(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
     h = hashlib.sha256()
-    for m in MODALITIES:
+    for m in (m for m in MODALITIES if m in volumes):
         arr, affine = volumes[m]
         h.update(m.encode())
         h.update(str(arr.shape).encode() + str(arr.dtype).encode())
@@ -348,15 +349,17 @@ def write_study(
     patient_name: str | None = None,
     study_date: datetime.datetime | None = None,
 ) -> StudyInfo:
-    """Write the case's four volumes as one study under ``out_dir/<case id>/<NN_modality>/``."""
-    missing = [m for m in MODALITIES if m not in volumes]
-    if missing:
-        raise DicomConversionError(f"case {case.case_id}: missing modality {missing}")
-    ref_shape, ref_affine = volumes[MODALITIES[0]][0].shape, volumes[MODALITIES[0]][1]
-    for m in MODALITIES[1:]:
+    """Write the case's volumes (four, or the sequences it has: FLAIR or T2 among them) as one study
+    under ``out_dir/<case id>/<NN_modality>/`` (series numbers 1-4 in canonical order whatever is missing)."""
+    present = [m for m in MODALITIES if m in volumes]
+    if not any(m in volumes for m in REQUIRED_ANY):
+        missing = [m for m in MODALITIES if m not in volumes]
+        raise DicomConversionError(f"case {case.case_id}: missing modality {missing} (FLAIR or T2 is needed)")
+    ref_shape, ref_affine = volumes[present[0]][0].shape, volumes[present[0]][1]
+    for m in present[1:]:
         arr, aff = volumes[m]
         if arr.shape != ref_shape or not np.allclose(aff, ref_affine, atol=1e-3):
-            raise DicomConversionError(f"case {case.case_id}: {m} is not on the grid of {MODALITIES[0]} (one frame of reference needs co-registered modalities)")
+            raise DicomConversionError(f"case {case.case_id}: {m} is not on the grid of {present[0]} (one frame of reference needs co-registered modalities)")
     digest = _content_hash(volumes)
     study_uid = generate_uid(entropy_srcs=[case.case_id, digest, "study"])
     for_uid = generate_uid(entropy_srcs=[case.case_id, digest, "frame-of-reference"])
@@ -382,9 +385,11 @@ def write_study(
     folder = Path(out_dir) / case.case_id
     series = {}
     for number, m in enumerate(MODALITIES, start=1):
+        if m not in volumes:
+            continue
         arr, affine = volumes[m]
         uid = generate_uid(entropy_srcs=[case.case_id, digest, "series", m])
-        source = case.images[0] if len(case.images) == 1 else case.images[MODALITIES.index(m)]
+        source = case.images[0] if len(case.images) == 1 and case.complete else case.images[case.sequences.index(m)]
         files = write_series(
             arr, affine, folder / f"{number:02d}_{SERIES_DESCRIPTIONS[m]}",
             study=study, series_uid=uid, series_number=number, description=SERIES_DESCRIPTIONS[m],
@@ -477,10 +482,14 @@ def classify(description: str, rules: Mapping[str, re.Pattern]) -> str | None:
     return None
 
 
-def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], where: str = "study") -> dict[str, Mapping]:
+def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], where: str = "study", allow_missing: bool = False) -> dict[str, Mapping]:
     """Pick one series per modality from ``series`` (dicts with ``SeriesInstanceUID``,
     ``SeriesDescription``, ``SeriesNumber``). Raises ``SeriesMatchError`` listing every series found
-    when a modality has none or several."""
+    when a modality has none or several.
+
+    ``allow_missing``: modalities without a series are left out of the result (canonical order)
+    as long as FLAIR or T2 has one (``custom.brats.REQUIRED_ANY``: what the model needs); several
+    series for one modality are still an error."""
     hits: dict[str, list[Mapping]] = {m: [] for m in MODALITIES}
     for s in series:
         m = classify(str(s.get("SeriesDescription") or ""), rules)
@@ -488,6 +497,8 @@ def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], whe
             hits[m].append(s)
     missing = [SERIES_DESCRIPTIONS[m] for m in MODALITIES if not hits[m]]
     several = {SERIES_DESCRIPTIONS[m]: h for m, h in hits.items() if len(h) > 1}
+    if allow_missing and any(hits[m] for m in REQUIRED_ANY):
+        missing = []
     if missing or several:
         listing = "; ".join(
             f"#{s.get('SeriesNumber', '?')} {str(s.get('SeriesDescription') or '')!r} ({s.get('Modality', '?')}) -> "
@@ -499,11 +510,12 @@ def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], whe
             problems.append(f"no series for {', '.join(missing)}")
         for name, h in several.items():
             problems.append(f"{len(h)} series match {name}")
+        need = "one series of FLAIR or T2 and at most one each of T1, T1ce, T2, FLAIR" if allow_missing else "exactly one each of T1, T1ce, T2, FLAIR"
         raise SeriesMatchError(
-            f"{where}: {'; '.join(problems)} (need exactly one each of T1, T1ce, T2, FLAIR; series found: {listing}); "
+            f"{where}: {'; '.join(problems)} (need {need}; series found: {listing}); "
             f"adjust the SeriesDescription rules (--conf dicomweb_series_rules)"
         )
-    return {m: hits[m][0] for m in MODALITIES}
+    return {m: hits[m][0] for m in MODALITIES if hits[m]}
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -4,33 +4,42 @@ Regions (channels, in ``custom.brats.REGIONS`` order): TC = NCR + ET, WT = NCR +
 ``LabelToRegions`` generalises MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` (BraTS 2018-2023
 labels only) to the MSD convention and checks the label values; ``RegionsToLabel`` is its inverse,
 giving the BraTS submission format: ``label = ED on WT, NCR on TC, ET on ET`` (later wins).
-``CheckedLoadImaged`` is the bundle's loader: ``LoadImaged`` whose failures name the case and the file.
+``CheckedLoadImaged`` is the bundle's loader: ``LoadImaged`` whose failures name the case and the file,
+which also fills the channels of missing sequences with zeros. ``ZeroBackgroundd`` sets a constant
+non-zero background (z-scored images) to 0. ``SequenceNiftiWriter`` writes the sequences used into the
+NIfTI header of the saved label.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import LoadImaged, MapTransform, Transform
 from monai.utils import convert_to_dst_type, ensure_tuple
 
 from custom.brats import (
     CONVENTIONS,
+    MODALITIES,
     REGIONS,
     BraTSDataError,
     LabelConvention,
     _check_same_grid,
     case_id_from_path,
+    check_sequences,
+    describe_sequences,
     check_image_voxels,
     check_label_values,
     load_nifti,
     load_voxels,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _convention(convention: str | LabelConvention) -> LabelConvention:
@@ -123,13 +132,25 @@ class CheckedLoadImaged(LoadImaged):
 
     Before loading, each file's header is checked (``custom.brats.load_nifti``: a readable NIfTI
     file, size limit checked before any voxel is read, finite non-degenerate affine, not truncated)
-    and all files of the item (the four modalities and the label) must share one grid (shape and
+    and all files of the item (the modalities and the label) must share one grid (shape and
     affine). A file that still fails to load (a corrupt gzip stream) is named. After loading, every
     channel of ``image_keys`` must be finite, not all zero and within
     ``custom.brats.MAX_ABS_INTENSITY`` (``custom.brats.check_image_voxels``), and have
     ``num_channels`` channels (the four modalities); other keys (the label) one channel. The case
     id is the item's ``case_id`` (the datalists of ``custom.datalist`` carry it), else derived from
     the first file name.
+
+    Missing sequences: when the item has ``sequences`` (names of ``custom.brats.MODALITIES``, a list
+    or a comma-separated string, as ``BraTSCase.to_dict`` writes it) naming fewer than four, its
+    image files are those sequences' files in canonical order; they are loaded and checked as
+    above, then scattered into a ``(4, H, W, D)`` image in canonical order T1, T1ce, T2, FLAIR with
+    all-zero channels for the missing sequences (``NormalizeIntensityd(nonzero=True)`` leaves them at
+    exactly 0: what the model saw in training for a dropped sequence). A set without FLAIR or T2 is
+    refused. The sequences used are recorded in the output as ``sequences`` (a comma-separated
+    string, e.g. ``"t1ce,flair"``, so that it collates) and in the image's ``meta["sequences"]``
+    (same string; it follows the image through the pipeline to the saved label's header, see
+    :class:`SequenceNiftiWriter`), and a case with missing sequences is logged once (logger
+    ``custom.transforms``): ``case X: sequences T1ce, FLAIR (missing T1, T2: zero-filled)``.
 
     This is the load-time half of the bundle's checks: its datalists are built with
     ``check="header"`` (headers only, milliseconds a case) and the voxel checks run here on the
@@ -149,9 +170,19 @@ class CheckedLoadImaged(LoadImaged):
         if not all_files:
             return super().__call__(d, reader)
         case_id = str(d.get("case_id") or case_id_from_path(all_files[0]))
+        sequences = _sequences(d.get("sequences"), case_id)
+        partial = sequences != MODALITIES
+        if partial:
+            for key in self.image_keys:
+                if key in files and len(files[key]) != len(sequences):
+                    raise BraTSDataError(
+                        f"case {case_id}: {len(files[key])} image file(s) {', '.join(files[key])} for the {len(sequences)} sequences "
+                        f"{describe_sequences(sequences)} (one file a sequence, canonical order T1, T1ce, T2, FLAIR)"
+                    )
         headers = {p: load_nifti(p, case_id) for p in all_files}
-        for paths in files.values():
-            for path in paths if len(paths) > 1 else ():  # one modality a file: each must be 3D
+        for key, paths in files.items():
+            one_file_a_modality = len(paths) > 1 or (partial and key in self.image_keys)
+            for path in paths if one_file_a_modality else ():  # one modality a file: each must be 3D
                 if len(headers[path].shape) != 3:
                     raise BraTSDataError(f"case {case_id}: {path}: expected a 3D image, got shape {headers[path].shape}")
         ref_path, ref = next(iter(headers.items()))
@@ -166,6 +197,8 @@ class CheckedLoadImaged(LoadImaged):
                 load_voxels(img, path, case_id)
             raise BraTSDataError(f"case {case_id}: {', '.join(all_files)}: cannot be loaded ({type(e).__name__}: {e})") from e
         if not getattr(self._loader, "ensure_channel_first", False):
+            if partial:
+                raise ValueError("CheckedLoadImaged needs ensure_channel_first=True to fill the channels of missing sequences")
             return out  # channel counts are only known with a channel-first output
         for key, paths in files.items():
             if key not in self.image_keys and out[key].shape[0] != 1:
@@ -174,14 +207,121 @@ class CheckedLoadImaged(LoadImaged):
             if key not in files:
                 continue
             img, paths = out[key], files[key]
-            if self.num_channels is not None and img.shape[0] != self.num_channels:
+            expected = len(sequences) if partial else self.num_channels
+            if expected is not None and img.shape[0] != expected:
                 raise BraTSDataError(
-                    f"case {case_id}: {', '.join(paths)}: expected {self.num_channels} image channels (T1, T1ce, T2, FLAIR), got {img.shape[0]}"
+                    f"case {case_id}: {', '.join(paths)}: expected {expected} image channels ({describe_sequences(sequences)}), got {img.shape[0]}"
                 )
             for c in range(img.shape[0]):
                 where = paths[c] if len(paths) == img.shape[0] else f"{paths[0]} (channel {c})"
                 check_image_voxels(img[c], f"case {case_id}: {where}")
+            if partial:
+                img = _scatter(img, sequences)
+            if isinstance(img, MetaTensor):
+                img.meta["sequences"] = ",".join(sequences)
+            out[key] = img
+        out["sequences"] = ",".join(sequences)
+        if partial:
+            missing = [m for m in MODALITIES if m not in sequences]
+            logger.info(f"case {case_id}: sequences {describe_sequences(sequences)} (missing {describe_sequences(missing)}: zero-filled)")
         return out
+
+
+def _sequences(value, case_id: str) -> tuple[str, ...]:
+    """The item's ``sequences`` (list, tuple or comma-separated string; absent: all four), checked."""
+    if value is None:
+        return MODALITIES
+    names = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    return check_sequences(names, f"case {case_id}")
+
+
+def _scatter(img, sequences: tuple[str, ...]):
+    """``(len(sequences), H, W, D)`` channels of ``sequences`` -> ``(4, H, W, D)`` in ``MODALITIES``
+    order, zeros for the missing ones; a MetaTensor keeps its metadata."""
+    full = torch.zeros((len(MODALITIES), *img.shape[1:]), dtype=img.dtype, device=img.device)
+    full[[MODALITIES.index(m) for m in sequences]] = torch.as_tensor(img)
+    if isinstance(img, MetaTensor):
+        return MetaTensor(full, meta=dict(img.meta), applied_operations=list(img.applied_operations))
+    return full
+
+
+class ZeroBackground(Transform):
+    """Set a constant non-zero background to 0, channel by channel: image ``(C, H, W, D)`` -> same shape.
+
+    Skull-stripped MRI z-scored before release (e.g. BraTS 2015 as redistributed with DeepMedic,
+    ``*_subtrMeanDivStd.nii.gz``) has the brain z-scored and everything outside it set to one value,
+    the image minimum (e.g. -3.16); the pipeline assumes a zero background (``CropForegroundd``
+    selects x > 0, ``NormalizeIntensityd(nonzero=True)`` normalises the non-zero voxels). For each
+    channel: if its 8 corner voxels all equal one value v, v is the channel's minimum and v != 0,
+    the voxels equal to v become 0; other voxels, and every channel whose background is already 0
+    (standard int16 BraTS data), are unchanged. Runs right after loading, before any resampling
+    (which would blend the constant into the brain border). Returns the channels changed in
+    ``last_changed`` ``{channel: v}``.
+    """
+
+    def __init__(self) -> None:
+        self.last_changed: dict[int, float] = {}
+
+    def __call__(self, img):
+        self.last_changed = {}
+        if img.ndim != 4:
+            raise ValueError(f"expected a (C, H, W, D) image, got shape {tuple(img.shape)}")
+        t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+        out = None
+        for c in range(t.shape[0]):
+            x = t[c]
+            corners = torch.as_tensor(x[[0, -1]][:, [0, -1]][:, :, [0, -1]]).reshape(-1)
+            v = corners[0]
+            if not bool((corners == v).all()) or float(v) == 0 or bool((x < v).any()):
+                continue
+            if out is None:
+                out = t.clone()
+            out[c] = torch.where(x == v, torch.zeros_like(x), x)
+            self.last_changed[c] = float(v)
+        if out is None:
+            return img
+        return out if isinstance(img, torch.Tensor) else out.numpy()
+
+
+class ZeroBackgroundd(MapTransform):
+    """Dictionary version of :class:`ZeroBackground`; logs each case whose background it changed."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ZeroBackground()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor | np.ndarray]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+            if self.converter.last_changed:
+                name = d[key].meta.get("filename_or_obj") if isinstance(d[key], MetaTensor) else None
+                case = d.get("case_id") or (case_id_from_path(name) if name else key)
+                changed = ", ".join(f"channel {c} ({MODALITIES[c] if d[key].shape[0] == len(MODALITIES) else c}): {v:.4g}" for c, v in self.converter.last_changed.items())
+                logger.info(f"case {case}: constant background set to 0 ({changed})")
+        return d
+
+
+class SequenceNiftiWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` that writes the sequences the prediction was made from into the NIfTI
+    header's ``descrip`` field, e.g. ``"sequences: t1ce,flair"`` (from ``meta["sequences"]``, set by
+    :class:`CheckedLoadImaged`). Used by the bundle's ``SaveImaged`` (``writer=``)."""
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options):
+        seq = (meta_dict or {}).get("sequences")
+        if isinstance(seq, (list, tuple)):  # a collated / decollated string
+            seq = seq[0] if len(seq) == 1 else ",".join(map(str, seq))
+        self.sequences = str(seq) if seq else None
+        super().set_metadata(meta_dict, resample=resample, **options)
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs):
+        if getattr(self, "sequences", None) and "header" not in obj_kwargs:
+            import nibabel as nib
+
+            header = nib.Nifti1Header()
+            header["descrip"] = f"sequences: {self.sequences}"[:79].encode()
+            obj_kwargs["header"] = header
+        super().write(filename, verbose=verbose, **obj_kwargs)
 
 
 def _paths(value) -> list[str]:

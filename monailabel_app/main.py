@@ -153,8 +153,10 @@ class MyApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label's ``infer``, with the image id checked (HTTP 400/404) and resolved to the case's
-        network input (a 4D NIfTI or the four modality files of a BraTS case folder)."""
+        network input (a 4D NIfTI or the modality files of a BraTS case folder, with the names of the
+        sequences present: a case may lack some, see ``custom.brats.REQUIRED_ANY``)."""
         datastore = datastore or self.datastore()
+        request = {k: v for k, v in request.items() if k != "sequences"}  # set from the datastore below, never by the client
         image = request.get("image")
         if request_has_upload() and isinstance(image, str) and os.path.isfile(image) and os.path.dirname(os.path.realpath(image)) == os.path.realpath(tempfile.gettempdir()):
             return super().infer(request, datastore)  # a file uploaded with the request (stored by the endpoint in the temp dir)
@@ -162,8 +164,9 @@ class MyApp(MONAILabelApp):
             return super().infer(request, datastore)
         image_id = datastore.require_image(image)
         model_input = datastore.model_input(image_id)
+        sequences = datastore.model_sequences(image_id)  # those present; the bundle's loader zero-fills the others
         save_label = str(request.get("save_label", False)).lower() in ("true", "1")
-        result = super().infer({**request, "image": model_input, "save_label": False}, datastore)
+        result = super().infer({**request, "image": model_input, "sequences": sequences, "save_label": False}, datastore)
         if save_label and result.get("file") and not result["params"].get("uncertainty"):
             tag = request.get("label_tag", "original")
             result["label"] = datastore.save_label(image_id, result["file"], tag, {"model": request.get("model")})

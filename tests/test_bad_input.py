@@ -555,7 +555,8 @@ def test_oblique_anisotropic_case_keeps_world_positions(tmp_path_factory, prepro
     dist = np.linalg.norm(world - p, axis=-1)
     label = np.where(dist < 9.0, 2, 0).astype(np.uint8)
     label[dist < 5.0] = 4
-    image = (100 + 900 * (dist < 9.0)).astype(np.int16)
+    # a background of 100 plus noise: a constant non-zero background would be set to 0 (ZeroBackgroundd)
+    image = (100 + 900 * (dist < 9.0) + np.random.default_rng(0).integers(0, 20, shape)).astype(np.int16)
     for m in ("t1", "t1ce", "t2", "flair"):
         nib.save(nib.Nifti1Image(image, affine), root / CID / f"{CID}_{m}.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), root / CID / f"{CID}_seg.nii.gz")

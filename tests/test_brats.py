@@ -12,12 +12,20 @@ import numpy as np
 import pytest
 import torch
 from monai.data import load_decathlon_datalist
-from monai.transforms import Compose, ConvertToMultiChannelBasedOnBratsClasses, EnsureChannelFirstd, Lambdad, LoadImaged
+from monai.transforms import Compose, ConvertToMultiChannelBasedOnBratsClasses, EnsureChannelFirstd, Lambdad, LoadImaged, NormalizeIntensityd
 
-from conftest import BRATS_AFFINE, LABELS, PYTHON, REPO, case_id_for, run_env, toy_label, toy_modalities, write_toy_dataset
+from conftest import BRATS_AFFINE, LABELS, PYTHON, REPO, SUFFIXES, case_id_for, run_env, toy_label, toy_modalities, write_toy_dataset
 from custom.brats import CONVENTIONS, MODALITIES, BraTSDataError, detect_layout, list_cases
 from custom.datalist import kfold_split, make_datalist, select_fold
-from custom.transforms import LabelToRegions, LabelToRegionsd, RegionsToLabel, RegionsToLabeld
+from custom.transforms import (
+    CheckedLoadImaged,
+    LabelToRegions,
+    LabelToRegionsd,
+    RegionsToLabel,
+    RegionsToLabeld,
+    ZeroBackground,
+    ZeroBackgroundd,
+)
 
 LAYOUT_NAME = {"2021": "brats2021", "2023": "brats2023", "msd": "msd"}
 
@@ -141,11 +149,95 @@ def first_case_dir(root, layout="2021"):
     return root / case_id_for(layout, 0)
 
 
-def test_missing_modality(tmp_path):
+def _drop(root, layout, case_index, modalities):
+    """Delete the files of ``modalities`` (canonical names) of one toy case."""
+    suffixes, sep = SUFFIXES[layout]
+    cid = case_id_for(layout, case_index)
+    for m in modalities:
+        (root / cid / f"{cid}{sep}{suffixes[MODALITIES.index(m)]}.nii.gz").unlink()
+    return cid
+
+
+@pytest.mark.parametrize("layout", ["2021", "2023"])
+def test_case_with_only_flair_and_t1ce_is_listed_and_loads_zero_filled(tmp_path, layout):
+    """Issue #13: a case may lack sequences if it has FLAIR or T2; the loader zero-fills the others."""
+    write_toy_dataset(tmp_path, layout, n=2)
+    cid = _drop(tmp_path, layout, 0, ("t1", "t2"))
+    case, full = list_cases(tmp_path, check="full")
+    assert case.case_id == cid and case.sequences == ("t1ce", "flair") and not case.complete
+    assert full.sequences == MODALITIES and full.complete
+    suffixes, sep = SUFFIXES[layout]
+    item = case.to_dict()
+    assert item["sequences"] == ["t1ce", "flair"]
+    assert [p.rsplit("/", 1)[1] for p in item["image"]] == [f"{cid}{sep}{suffixes[1]}.nii.gz", f"{cid}{sep}{suffixes[3]}.nii.gz"]
+    assert case.display_image == item["image"][1]  # what an annotator sees: the FLAIR
+    assert full.to_dict()["sequences"] == list(MODALITIES) and len(full.to_dict()["image"]) == 4
+    assert make_datalist(tmp_path, n_folds=2)["training"][0]["sequences"] == ["t1ce", "flair"]
+    # only T2 (no FLAIR) is enough too; layout detection works without the T1ce/FLAIR files
+    _drop(tmp_path, layout, 1, ("t1", "t1ce", "flair"))
+    assert detect_layout(tmp_path).name == LAYOUT_NAME[layout]
+    assert list_cases(tmp_path)[1].sequences == ("t2",)
+
+    out = CheckedLoadImaged(["image", "label"], image_only=True, ensure_channel_first=True, allow_missing_keys=True)(item)
+    img = out["image"]
+    assert img.shape == (4, *toy_label().shape)
+    mods = toy_modalities(seed=0)
+    np.testing.assert_array_equal(img[1].numpy(), mods[1])
+    np.testing.assert_array_equal(img[3].numpy(), mods[3])
+    assert not img[0].any() and not img[2].any()
+    assert out["sequences"] == "t1ce,flair" and img.meta["sequences"] == "t1ce,flair"
+    # a missing channel stays exactly 0 through the bundle's intensity normalisation
+    norm = NormalizeIntensityd("image", nonzero=True, channel_wise=True)(out)["image"]
+    assert not norm[0].any() and not norm[2].any() and abs(float(norm[3].mean())) < 1e-5
+
+
+def test_case_without_flair_and_t2_is_refused_naming_what_it_has(tmp_path):
     write_toy_dataset(tmp_path, "2021", n=2)
-    (first_case_dir(tmp_path) / "BraTS2021_00000_t1ce.nii.gz").unlink()
-    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: missing modality t1ce \(expected BraTS2021_00000_t1ce\.nii\.gz"):
+    _drop(tmp_path, "2021", 0, ("t2", "flair"))
+    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: has T1, T1ce; the model needs FLAIR or T2 \(missing modality t2, flair; expected "
+                                             r"BraTS2021_00000_t2\.nii\.gz, BraTS2021_00000_flair\.nii\.gz"):
         list_cases(tmp_path)
+    _drop(tmp_path, "2021", 0, ("t1", "t1ce"))  # a segmentation alone is no case either
+    with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: has no image \(only a segmentation\); the model needs FLAIR or T2"):
+        list_cases(tmp_path)
+    # the loader refuses the same from a datalist entry
+    case = {"case_id": "X", "image": [str(tmp_path / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz")], "sequences": ["t1"]}
+    with pytest.raises(BraTSDataError, match=r"case X: has T1; the model needs FLAIR or T2"):
+        CheckedLoadImaged("image", image_only=True, ensure_channel_first=True)(case)
+
+
+def test_zero_background_on_a_z_scored_nifti(tmp_path):
+    """Skull-stripped, z-scored MRI (BraTS 2015 / DeepMedic style) has a constant background at the
+    image minimum: it becomes 0, the brain is untouched; int16 data with a 0 background is unchanged."""
+    rng = np.random.default_rng(0)
+    shape = (20, 18, 16)
+    brain = np.zeros(shape, bool)
+    brain[4:16, 3:15, 3:13] = True
+    raw = rng.normal(500, 100, shape)
+    z = np.full(shape, 0.0, np.float32)
+    z[brain] = (raw[brain] - raw[brain].mean()) / raw[brain].std()
+    background = -3.16
+    assert z[brain].min() > background
+    z[~brain] = background
+    path = tmp_path / "case_subtrMeanDivStd.nii.gz"
+    nib.save(nib.Nifti1Image(z, BRATS_AFFINE), path)
+    loaded = LoadImaged("image", image_only=True, ensure_channel_first=True)({"image": [str(path), str(path)]})
+    loaded["image"][1] = torch.where(loaded["image"][1] == background, torch.tensor(0.0), loaded["image"][1])  # channel 1: already 0
+    before = loaded["image"].clone()
+    out = ZeroBackgroundd("image")(loaded)["image"]
+    assert out.shape == (2, *shape) and out.meta["filename_or_obj"] == before.meta["filename_or_obj"]
+    np.testing.assert_array_equal(out[0].numpy(), np.where(brain, before[0].numpy(), 0))
+    np.testing.assert_array_equal(out[1].numpy(), before[1].numpy())
+    # standard BraTS int16 data (background 0) and an image whose corners are not all one value: unchanged
+    int16 = np.where(brain, rng.integers(1, 3000, shape), 0).astype(np.int16)[None]
+    assert ZeroBackground()(int16) is int16
+    corner = z.copy()[None]
+    corner[0, 0, 0, 0] = 5.0
+    assert ZeroBackground()(corner) is corner
+    # a constant that is not the minimum (a brain voxel below it) is left alone
+    low = z.copy()[None]
+    low[0, 8, 8, 8] = -4.0
+    assert ZeroBackground()(low) is low
 
 
 def test_duplicated_modality(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, run_env
-from custom.brats import CONVENTIONS, list_cases
+from custom.brats import CONVENTIONS, MODALITIES, list_cases
 from custom.metrics import HD95_ONE_EMPTY_MM, region_metrics
 from custom.synthetic import write_dataset
 from custom.transforms import LabelToRegions
@@ -250,3 +251,54 @@ def test_bad_dataset_dir_fails_with_a_clear_message(tmp_path):
                   "--bundle_root", str(tmp_path), check=False)
     assert proc.returncode != 0
     assert "no BraTS dataset found" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> Path:
+    """A bundle root whose models/model.pt is a seeded untrained TINY network (no training run needed)."""
+    from monai.bundle import ConfigParser
+
+    root = tmp_path_factory.mktemp("untrained")
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), QUICK])
+    parser["feature_size"], parser["depths"] = 12, [1, 1, 1, 1]
+    torch.manual_seed(0)
+    (root / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def test_inference_on_missing_sequences_and_a_z_scored_background(untrained, tmp_path):
+    """Issue #13: a case with only FLAIR and T1ce runs through the bundle and its result says so (NIfTI
+    header `descrip`, log line); a z-scored case whose background is -3.16 gives the same prediction as
+    the same case with a 0 background (ZeroBackgroundd right after loading)."""
+    src = tmp_path / "src"
+    write_dataset(src, 1, seed=4, layout="2021", size="small")
+    data = tmp_path / "data"
+    cid = "BraTS2021_00000"
+    shutil.copytree(src / cid, data / cid)
+    for m in ("t1", "t2"):
+        (data / cid / f"{cid}_{m}.nii.gz").unlink()
+    for name, background in (("BraTS2021_00001", 0.0), ("BraTS2021_00002", -3.16)):  # z-scored brain, constant background
+        (data / name).mkdir()
+        for m in MODALITIES:
+            img = nib.load(src / cid / f"{cid}_{m}.nii.gz")
+            x = np.asarray(img.dataobj).astype(np.float32)
+            brain = x > 0
+            z = np.full(x.shape, background, np.float32)
+            z[brain] = (x[brain] - x[brain].mean()) / x[brain].std()
+            assert z[brain].min() > -3.16
+            nib.save(nib.Nifti1Image(z, img.affine), data / name / f"{name}_{m}.nii.gz")
+    out = tmp_path / "pred"
+    proc = bundle("run", "inference", "--config_file", configs("inference.json", "quick.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+                  "--dataset_dir", str(data), "--bundle_root", str(untrained), "--output_dir", str(out), "--use_crf", "false", *TINY)
+    log = proc.stdout + proc.stderr
+    assert f"case {cid}: sequences T1ce, FLAIR (missing T1, T2: zero-filled)" in log, log[-3000:]
+    assert "case BraTS2021_00002: constant background set to 0" in log and "case BraTS2021_00001: constant background" not in log
+    partial = nib.load(out / f"{cid}.nii.gz")
+    assert partial.header["descrip"].tobytes().rstrip(b"\0") == b"sequences: t1ce,flair"
+    ref = nib.load(src / cid / f"{cid}_flair.nii.gz")
+    assert partial.shape == ref.shape and np.allclose(partial.affine, ref.affine, atol=1e-4)
+    full = nib.load(out / "BraTS2021_00001.nii.gz")
+    assert full.header["descrip"].tobytes().rstrip(b"\0") == b"sequences: t1,t1ce,t2,flair"
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "BraTS2021_00002.nii.gz").dataobj), np.asarray(full.dataobj))

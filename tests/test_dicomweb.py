@@ -44,6 +44,7 @@ from custom.dicom import (
     SeriesMatchError,
     classify,
     convert_case,
+    load_case,
     main as dicom_main,
     match_series,
     parse_rules,
@@ -258,6 +259,12 @@ def test_match_series_errors_list_what_was_found():
     assert "no series for T2" in msg and "'DWI' (MR) -> no modality" in msg and "'T1 post' (MR) -> T1ce" in msg
     with pytest.raises(SeriesMatchError, match="2 series match T1ce"):
         match_series(series + [{"SeriesInstanceUID": "9", "SeriesDescription": "T1ce", "SeriesNumber": 9}], rules)
+    # allow_missing (the DICOMweb datastore): FLAIR or T2 is enough, two series for one modality are not
+    assert list(match_series(series, rules, allow_missing=True)) == ["t1", "t1ce", "flair"]
+    with pytest.raises(SeriesMatchError, match="no series for T2, FLAIR .*need one series of FLAIR or T2"):
+        match_series(series[:2], rules, allow_missing=True)
+    with pytest.raises(SeriesMatchError, match="2 series match T1ce"):
+        match_series(series + [{"SeriesInstanceUID": "9", "SeriesDescription": "T1ce", "SeriesNumber": 9}], rules, allow_missing=True)
     custom = parse_rules('{"t2":"^DWI$"}')  # configurable: DWI stands in for T2 here
     assert match_series(series, custom)["t2"]["SeriesDescription"] == "DWI"
     with pytest.raises(ValueError, match="unknown modality"):
@@ -292,13 +299,18 @@ def orthanc():
 
 @pytest.fixture(scope="module")
 def uploaded(orthanc, synth, tmp_path_factory):
-    """Case 0 as a complete study; case 1 without its T2 series (an incomplete study)."""
+    """Case 0 as a complete study; case 1 with only its T1ce and FLAIR series (issue #13: accepted,
+    T1 and T2 zero-filled); a third study with only T1 and T1ce series (refused: no FLAIR, no T2)."""
     out = tmp_path_factory.mktemp("dicom_upload")
     full = convert_case(synth / "brats2021" / "BraTS2021_00000", out)
     assert stow([f for s in full.series.values() for f in s.files], orthanc.dicomweb_url) == 4 * 62
     partial = convert_case(synth / "brats2021" / "BraTS2021_00001", out)
-    stow([f for m, s in partial.series.items() if m != "t2" for f in s.files], orthanc.dicomweb_url)
-    return {"full": full, "partial": partial}
+    stow([f for m, s in partial.series.items() if m in ("t1ce", "flair") for f in s.files], orthanc.dicomweb_url)
+    case, volumes = load_case(synth / "brats2021" / "BraTS2021_00001")
+    volumes = {m: (v + 1, a) for m, (v, a) in volumes.items()}  # other voxels: another study
+    refused = write_study(BraTSCase("BraTS2021_00009", case.images, None, case.layout), volumes, out)
+    stow([f for m, s in refused.series.items() if m in ("t1", "t1ce") for f in s.files], orthanc.dicomweb_url)
+    return {"full": full, "partial": partial, "refused": refused}
 
 
 def _qido(orthanc, path, **params):
@@ -371,18 +383,23 @@ def _brats2023_label(case_dir: Path) -> nib.Nifti1Image:
 def test_datastore_lists_complete_studies_by_flair_series_and_resolves_aliases(datastore, uploaded):
     from fastapi import HTTPException
 
-    full, partial = uploaded["full"], uploaded["partial"]
+    full, partial, refused = uploaded["full"], uploaded["partial"], uploaded["refused"]
     flair = full.series["flair"].series_uid
     assert datastore.search_filter["Modality"] == "MR"  # MONAI Label's CT default is overridden
-    assert datastore.list_images() == [flair]
+    assert datastore.list_images() == sorted([flair, partial.series["flair"].series_uid])
     for alias in (flair, full.study_uid, full.series["t1"].series_uid, full.series["t1ce"].series_uid):
         assert datastore.require_image(alias) == flair
-    for bad, status in (("../etc/passwd", 400), ("1.2.3.4.5", 404), (partial.study_uid, 422), (partial.series["flair"].series_uid, 422)):
+    # a study with only T1ce and FLAIR is an image (issue #13); its input is those two series
+    assert datastore.require_image(partial.study_uid) == partial.series["flair"].series_uid
+    assert datastore.model_sequences(partial.series["t1ce"].series_uid) == ["t1ce", "flair"]
+    assert datastore.model_sequences(flair) == list(MODALITIES)
+    for bad, status in (("../etc/passwd", 400), ("1.2.3.4.5", 404), (refused.study_uid, 422), (refused.series["t1"].series_uid, 422)):
         with pytest.raises(HTTPException) as e:
             datastore.require_image(bad)
         assert e.value.status_code == status, (bad, e.value.detail)
     detail = str(e.value.detail)
-    assert "no series for T2" in detail and "'T1ce' (MR) -> T1ce" in detail and "'FLAIR' (MR) -> FLAIR" in detail, detail
+    assert "no series for T2, FLAIR" in detail and "'T1ce' (MR) -> T1ce" in detail and "'T1' (MR) -> T1" in detail, detail
+    assert "need one series of FLAIR or T2" in detail, detail
 
 
 def test_datastore_model_input_is_the_case_in_its_geometry(datastore, uploaded, synth):
@@ -419,7 +436,7 @@ def test_datastore_label_to_dicom_seg_and_back(datastore, orthanc, uploaded, syn
     assert_same_world(*decoded, np.asanyarray(label.dataobj), label.affine)
     # a fresh server (empty cache) finds the label in the PACS and decodes it
     fresh = _datastore(orthanc, tmp_path / "fresh")
-    assert fresh.get_labeled_images() == [flair] and fresh.get_unlabeled_images() == []
+    assert fresh.get_labeled_images() == [flair] and fresh.get_unlabeled_images() == [uploaded["partial"].series["flair"].series_uid]
     got = nib.load(fresh.get_label_uri(flair, "final"))
     assert_same_world(np.asanyarray(got.dataobj), got.affine, np.asanyarray(label.dataobj), label.affine)
     (item,) = fresh.datalist()
@@ -611,11 +628,28 @@ def test_infer_on_dicom_study_stores_a_seg_matching_the_nifti_inference(server, 
     assert_same_world(decoded, decoded_affine, ref, ref_affine)
 
 
+def test_infer_on_study_with_only_flair_and_t1ce_says_which_sequences_it_used(server, uploaded, tmp_path):
+    partial = uploaded["partial"]
+    pred, affine, result = _infer(server, tmp_path, partial.study_uid, {"crf": False})
+    assert result["sequences"] == ["t1ce", "flair"]
+    flair = nib.load(requests_image(server, partial.study_uid, tmp_path))
+    assert pred.shape == flair.shape[:3] and np.allclose(affine, flair.affine, atol=1e-4)
+
+
+def requests_image(server, image_id: str, tmp: Path) -> Path:
+    """GET /datastore/image -> a file (what a client downloads: the FLAIR)."""
+    r = requests.get(f"{server['url']}/datastore/image", params={"image": image_id}, timeout=60)
+    assert r.status_code == 200, r.text
+    out = tmp / f"image_{time.monotonic_ns()}.nii.gz"
+    out.write_bytes(r.content)
+    return out
+
+
 def test_infer_on_study_missing_a_modality_says_what_was_found(server, uploaded):
-    r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": uploaded["partial"].study_uid}, data={"params": "{}"}, timeout=60)
+    r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": uploaded["refused"].study_uid}, data={"params": "{}"}, timeout=60)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
-    assert "no series for T2" in detail and "'T1' (MR) -> T1" in detail and "dicomweb_series_rules" in detail, detail
+    assert "no series for T2, FLAIR" in detail and "'T1' (MR) -> T1" in detail and "dicomweb_series_rules" in detail, detail
     r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": "1.2.3.999"}, data={"params": "{}"}, timeout=60)
     assert r.status_code == 404, r.text
 

@@ -71,10 +71,13 @@ def msd_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def brats_server(tmp_path_factory):
-    """BraTS 2021 layout: five case folders, the last two without a segmentation file."""
+    """BraTS 2021 layout: five case folders, the last two without a segmentation file; the last one
+    has only FLAIR and T1ce (issue #13: cases with missing sequences)."""
     tmp = tmp_path_factory.mktemp("mlapp_brats")
     studies = tmp / "brats"
     write_dataset(studies, 5, seed=0, layout="2021", size="small", unlabelled=2)
+    for m in ("t1", "t2"):
+        (studies / PARTIAL / f"{PARTIAL}_{m}.nii.gz").unlink()
     originals = {p: _sha(p) for p in studies.rglob("*.nii.gz")}
     proc, log, server = _start_server(tmp, studies)
     try:
@@ -84,6 +87,9 @@ def brats_server(tmp_path_factory):
         log.close()
     for path, digest in originals.items():  # the dataset itself is never written
         assert _sha(path) == digest, path
+
+
+PARTIAL = "BraTS2021_00004"  # only FLAIR and T1ce
 
 
 def _client(server, name):
@@ -313,6 +319,26 @@ def test_brats_layout_infer_uses_all_four_modalities(brats_server):
     np.testing.assert_allclose(affine, flair.affine, atol=1e-4)
     assert set(np.unique(arr).tolist()) <= {0, 1, 2, 4}
     assert result["label_names"] == labels
+    assert result["sequences"] == ["t1", "t1ce", "t2", "flair"]
+
+
+def test_brats_layout_case_with_only_flair_and_t1ce_is_listed_and_segmented(brats_server):
+    """Issue #13: the case is listed, clients get its FLAIR, inference zero-fills T1 and T2 and says so."""
+    url, studies = brats_server["url"], brats_server["studies"]
+    flair = studies / PARTIAL / f"{PARTIAL}_flair.nii.gz"
+    info = requests.get(f"{url}/datastore/image/info", params={"image": PARTIAL}, timeout=10).json()
+    assert info["sequences"] == ["t1ce", "flair"] and info["path"] == str(flair)
+    r = requests.get(f"{url}/datastore/image", params={"image": PARTIAL}, timeout=60)
+    assert r.status_code == 200 and r.content == flair.read_bytes()
+    arr, affine, result = _infer(brats_server, PARTIAL, {"crf": False})
+    assert result["sequences"] == ["t1ce", "flair"]
+    ref = nib.load(flair)
+    assert arr.shape == ref.shape and arr.dtype == np.uint8
+    np.testing.assert_allclose(affine, ref.affine, atol=1e-4)
+    assert set(np.unique(arr).tolist()) <= {0, 1, 2, 4}
+    # a client cannot claim other sequences: the datastore sets them
+    _, _, forced = _infer(brats_server, PARTIAL, {"crf": False, "sequences": ["t1", "t1ce", "t2", "flair"]})
+    assert forced["sequences"] == ["t1ce", "flair"]
 
 
 def test_epistemic_scoring_then_active_learning(brats_server):

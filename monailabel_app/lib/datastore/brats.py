@@ -13,8 +13,14 @@ Two flavours, chosen by :func:`open_datastore` from what ``--studies`` holds:
 
 What a client downloads for an image (``GET /datastore/image``) is one 3D NIfTI file that 3D Slicer
 opens as a scalar volume: the FLAIR of a per-modality case (the sequence annotators draw on; the
-other three modalities stay on the server and are read by the inference and training tasks), the
-4D file itself for MSD images (Slicer shows it as a 4-frame volume sequence / its first channel).
+other modalities stay on the server and are read by the inference and training tasks; a case
+without FLAIR serves its T2), the 4D file itself for MSD images (Slicer shows it as a 4-frame volume
+sequence / its first channel).
+
+Cases with missing sequences: a per-modality case may lack some of T1, T1ce, T2, FLAIR as long as it
+has FLAIR or T2 (``custom.brats``); it is listed like any case, ``model_input`` gives the files it
+has and ``model_sequences`` their names (the bundle's loader zero-fills the others). The image info
+(``GET /datastore/image/info``) shows ``sequences``.
 
 Both check every label a client saves (``PUT /datastore/label``) before it is stored: a NIfTI
 file, 3D ``(H, W, D)`` (a trailing singleton dimension is accepted), in the image's grid (same
@@ -51,6 +57,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from custom.brats import (
     BraTSCase,
     BraTSDataError,
+    MODALITIES,
     LabelConvention,
     Layout,
     NotNiftiError,
@@ -223,8 +230,13 @@ class CheckedLocalDatastore(LocalDatastore):
 
     # -- what the inference / training tasks read -------------------------------------------------
     def model_input(self, image_id: str) -> str | list[str]:
-        """The network input of ``image_id``: a 4D NIfTI path (or four 3D paths, see BraTSDatastore)."""
+        """The network input of ``image_id``: a 4D NIfTI path (or 3D paths, see BraTSDatastore)."""
         return self.get_image_uri(self.require_image(image_id))
+
+    def model_sequences(self, image_id: str) -> list[str]:
+        """Names of the sequences in ``model_input`` (canonical order): a 4D image has all four."""
+        self.require_image(image_id)
+        return list(MODALITIES)
 
     def require_image(self, image_id: Any) -> str:
         """``image_id`` if valid and known; HTTP 400 / 404 otherwise."""
@@ -394,20 +406,24 @@ class BraTSDatastore(CheckedLocalDatastore):
         return self._cases[image_id]
 
     def model_input(self, image_id: str) -> str | list[str]:
-        images = self.case(image_id).images
-        return list(images) if len(images) > 1 else images[0]
+        """The case's files: one 4D file (MSD) or one 3D file a sequence present, canonical order."""
+        return self.case(image_id).to_dict()["image"]
+
+    def model_sequences(self, image_id: str) -> list[str]:
+        return list(self.case(image_id).sequences)
 
     def get_image_uri(self, image_id: str) -> str:
         c = self._cases.get(image_id)
         if c is None:
             return ""
-        return c.images[3] if len(c.images) == 4 else c.images[0]  # FLAIR (canonical order T1, T1ce, T2, FLAIR)
+        return c.display_image  # the FLAIR (else the T2) of a per-modality case, the 4D file of an MSD case
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
         info = super().get_image_info(image_id)
         if image_id in self._cases:
             info["path"] = self.get_image_uri(image_id)
             info["modalities"] = list(self._cases[image_id].images)
+            info["sequences"] = list(self._cases[image_id].sequences)
         return info
 
     def image_grid(self, image_id: str) -> tuple[tuple, np.ndarray]:
@@ -424,7 +440,7 @@ class BraTSDatastore(CheckedLocalDatastore):
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
         return [
-            {"image": self.model_input(i), "label": self.get_label_uri(i, DefaultLabelTag.FINAL)}
+            {"image": self.model_input(i), "label": self.get_label_uri(i, DefaultLabelTag.FINAL), "sequences": self.model_sequences(i)}
             for i, obj in sorted(self._datastore.objects.items())
             if obj.labels.get(DefaultLabelTag.FINAL)
         ]

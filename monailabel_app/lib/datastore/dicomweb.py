@@ -1,5 +1,6 @@
 """MONAI Label datastore for BraTS studies in a PACS (DICOMweb, e.g. Orthanc): one image = one MR
-study's four modality series, results stored back as DICOM SEG.
+study's modality series (T1, T1ce, T2, FLAIR, or those it has: FLAIR or T2 among them), results
+stored back as DICOM SEG.
 
 ``--studies http://127.0.0.1:8042/dicom-web``. MONAI Label's own ``DICOMWebDatastore`` makes every
 series one image; a BraTS network needs the four co-registered modalities of a study at once. Here:
@@ -10,18 +11,21 @@ series one image; a BraTS network needs the four co-registered modalities of a s
   regular expressions (``custom.dicom.SERIES_RULES``: "T1", "T1w", "t1n", "MPRAGE" -> T1; "T1ce",
   "t1c", "T1 post Gd", "T1+C" -> T1ce; "T2", "T2w" -> T2; "FLAIR", "T2 FLAIR", "t2f" -> FLAIR),
   replaced per modality with ``--conf dicomweb_series_rules '{"t1ce":"post"}'`` (JSON without
-  spaces, or the path of a JSON file). A study is an image when exactly one series matches each
-  modality; other studies are left out of the image list, and asking for them answers HTTP 422
-  with every series found and what it matched.
-- **Image id = the FLAIR series' SeriesInstanceUID** (the series annotators draw on, what
-  ``GET /datastore/image`` serves and what the DICOM SEG references first). The study's
-  StudyInstanceUID and the other three series' UIDs are accepted wherever an image id is (OHIF
-  sends the UID of the series on screen) and resolve to it.
-- **Model input** (``model_input``): the four series are retrieved with WADO-RS into the cache
+  spaces, or the path of a JSON file). A study is an image when at most one series matches each
+  modality and FLAIR or T2 has one (the model accepts any subset of the four sequences that
+  contains FLAIR or T2; missing ones are zero-filled by the bundle's loader and the inference
+  result's ``sequences`` names those used); other studies (no FLAIR and no T2, or two series for
+  one modality) are left out of the image list, and asking for them answers HTTP 422 with every
+  series found and what it matched.
+- **Image id = the FLAIR series' SeriesInstanceUID** (the T2's when the study has no FLAIR: the
+  series annotators draw on, what ``GET /datastore/image`` serves and what the DICOM SEG references
+  first). The study's StudyInstanceUID and the other series' UIDs are accepted wherever an image id
+  is (OHIF sends the UID of the series on screen) and resolve to it.
+- **Model input** (``model_input``, ``model_sequences``): the study's series are retrieved with WADO-RS into the cache
   (``MONAI_LABEL_DICOMWEB_CACHE_PATH`` or ``~/.cache/monailabel/dicom/<hash of the URL>``,
   ``series/<SeriesInstanceUID>/``; fetched again when the PACS holds a different number of
   instances), converted with SimpleITK/GDCM to NIfTI (``series/<uid>.nii.gz``, LPS -> RAS handled
-  by ITK) and returned as four paths in the canonical order T1, T1ce, T2, FLAIR. The four must
+  by ITK) and returned as paths in the canonical order T1, T1ce, T2, FLAIR. They must
   share one grid (BraTS-style co-registered series); otherwise HTTP 422 shows their grids.
 - **Labels** (``save_label``: the infer task with ``save_label``, ``PUT /datastore/label``, OHIF's
   label.bin, Slicer's NIfTI with ``label_info``): checked like the NIfTI datastores (FLAIR grid, the
@@ -105,8 +109,18 @@ class Study:
     series: Dict[str, dict]  # canonical modality -> {"SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "instances"}
 
     @property
+    def display(self) -> str:
+        """The modality annotators see and the image id names: FLAIR, else T2."""
+        return "flair" if "flair" in self.series else "t2"
+
+    @property
     def image_id(self) -> str:
-        return self.series["flair"]["SeriesInstanceUID"]
+        return self.series[self.display]["SeriesInstanceUID"]
+
+    @property
+    def sequences(self) -> List[str]:
+        """The modalities the study has, canonical order."""
+        return [m for m in MODALITIES if m in self.series]
 
 
 class BraTSDICOMwebDatastore(DICOMWebDatastore):
@@ -153,7 +167,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         alias: Dict[str, str] = {}
         for study_uid, items in by_study.items():
             try:
-                matched = match_series(items, self.rules, f"study {study_uid}")
+                matched = match_series(items, self.rules, f"study {study_uid}", allow_missing=True)
             except SeriesMatchError as e:
                 problems[study_uid] = str(e)
                 for s in items:
@@ -165,7 +179,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             for s in items:
                 alias[s["SeriesInstanceUID"]] = study.image_id
         if problems:
-            logger.info(f"{len({k for k in problems if k in by_study})} MR studies without the four modality series are not listed")
+            logger.info(f"{len({k for k in problems if k in by_study})} MR studies without FLAIR or T2 series (or with two series for one modality) are not listed")
         return {"studies": studies, "alias": alias, "problems": problems}
 
     def _studies(self, refresh: bool = False) -> dict:
@@ -246,20 +260,28 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             return out
 
     def model_input(self, image_id: str) -> List[str]:
-        """The four modality volumes of ``image_id`` as NIfTI paths, canonical order T1, T1ce, T2, FLAIR."""
+        """The modality volumes of ``image_id`` (those the study has, see ``model_sequences``) as NIfTI
+        paths, canonical order T1, T1ce, T2, FLAIR."""
         study = self.study(image_id)
-        paths = [self.series_nifti(study.study_uid, study.series[m]) for m in MODALITIES]
+        sequences = study.sequences
+        paths = [self.series_nifti(study.study_uid, study.series[m]) for m in sequences]
         grids = [nib.load(p) for p in paths]
         ref = grids[-1]
-        for m, img in zip(MODALITIES, grids):
+        for m, img in zip(sequences, grids):
             if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
                 detail = "; ".join(
                     f"{SERIES_DESCRIPTIONS[mm]} {study.series[mm]['SeriesDescription']!r}: shape {g.shape[:3]}, voxel {np.round(g.header.get_zooms()[:3], 3).tolist()} mm, "
                     f"origin {np.round(g.affine[:3, 3], 2).tolist()}"
-                    for mm, g in zip(MODALITIES, grids)
+                    for mm, g in zip(sequences, grids)
                 )
-                raise HTTPException(status_code=422, detail=f"study {study.study_uid}: the four series are not on one grid (the network needs co-registered modalities, as in BraTS): {detail}")
+                raise HTTPException(status_code=422, detail=f"study {study.study_uid}: the {len(sequences)} series are not on one grid (the network needs co-registered modalities, as in BraTS): {detail}")
+        if len(sequences) < len(MODALITIES):
+            logger.info(f"study {study.study_uid}: series for {', '.join(SERIES_DESCRIPTIONS[m] for m in sequences)} only")
         return paths
+
+    def model_sequences(self, image_id: str) -> List[str]:
+        """Names of the modalities in ``model_input`` (canonical order; the others are missing)."""
+        return self.study(image_id).sequences
 
     # -- the image a client downloads: the FLAIR ---------------------------------------------------------
     def get_image_uri(self, image_id: str) -> str:
@@ -268,7 +290,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         if uri and os.path.exists(uri):
             return uri
         study = self.study(flair)
-        src = self.series_nifti(study.study_uid, study.series["flair"])
+        src = self.series_nifti(study.study_uid, study.series[study.display])
         info = {
             "SeriesInstanceUID": flair,
             "StudyInstanceUID": study.study_uid,
@@ -307,7 +329,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         import pydicom_seg
 
         study = self.study(image_id)
-        flair_files = self.series_files(study.study_uid, study.series["flair"])
+        flair_files = self.series_files(study.study_uid, study.series[study.display])
         label = sitk.ReadImage(label_file)
         values = sitk.GetArrayFromImage(label)
         meta = self._segment_meta()
@@ -359,8 +381,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         seg.Manufacturer = "MONAI Label"
         seg.ManufacturerModelName = f"BraTS app {model}".strip()
         seg.SeriesDescription = f"BraTS segmentation ({tag})"[:64]
-        # reference the other three modalities too (the segmentation was computed from all four)
-        for m in ("t1", "t1ce", "t2"):
+        # reference the other modalities of the study too (the segmentation was computed from all of them)
+        for m in (m for m in study.sequences if m != study.display):
             item = Dataset()
             item.SeriesInstanceUID = study.series[m]["SeriesInstanceUID"]
             item.ReferencedInstanceSequence = []
@@ -487,8 +509,11 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         return LocalDatastore.get_label_uri(self, flair, label_tag)
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
-        """Final labels of the PACS with their four-modality inputs (for the train task)."""
-        return [{"image": self.model_input(i), "label": self.get_label_uri(i, DefaultLabelTag.FINAL)} for i in self.get_labeled_images()]
+        """Final labels of the PACS with their inputs and sequence names (for the train task)."""
+        return [
+            {"image": self.model_input(i), "label": self.get_label_uri(i, DefaultLabelTag.FINAL), "sequences": self.model_sequences(i)}
+            for i in self.get_labeled_images()
+        ]
 
 
 def open_dicomweb_datastore(url: str, conf: Dict[str, str]) -> tuple[BraTSDICOMwebDatastore, Layout]:

@@ -5,8 +5,10 @@ Every transform, the network and the inferer come from the bundle's own config p
 
 - ``layout`` is overridden with the studies' layout (``custom.brats.LAYOUTS[...]``): its channel
   order and label convention, because a MONAI Label study is one case, not a dataset folder;
-- the input is one 4D NIfTI ``(H, W, D, 4)`` or the four 3D modality files of a BraTS case (the
-  app resolves the image id to them);
+- the input is one 4D NIfTI ``(H, W, D, 4)`` or the 3D modality files of a BraTS case (the app
+  resolves the image id to them), with ``sequences`` naming the sequences present when a case lacks
+  some (the bundle's loader fills their channels with zeros; the result JSON's ``sequences`` says
+  which were used);
 - the bundle's ``SaveImaged`` is dropped from ``postprocessing``; the label map (1, H, W, D) is
   squeezed to (H, W, D) uint8 and handed to MONAI Label's writer;
 - labels shown to Slicer/OHIF are the parsed ``label_convention``'s names and values.
@@ -43,6 +45,7 @@ from monai.inferers import Inferer
 from monai.transforms import CastToTyped, Compose, Invertd, SaveImaged, SqueezeDimd
 from monai.utils import convert_to_numpy
 
+from custom.brats import MODALITIES
 from custom.crf import DenseCRFd
 from custom.metrics import region_volumes_ml
 from custom.uncertainty import mc_uncertainty, mean_logit
@@ -201,12 +204,14 @@ class BraTSBundleInfer(BasicInferTask):
         data["predictive_entropy"] = MetaTensor(u["predictive_entropy"][0].float(), **meta)
         return data
 
-    def epistemic_score(self, image, device: str, samples: int) -> dict[str, float]:
+    def epistemic_score(self, image, device: str, samples: int, sequences=None) -> dict[str, float]:
         """Mean voxel mutual information and predictive entropy (nats) over the brain of one case.
 
-        ``image``: a 4D NIfTI path or the case's four modality paths (canonical order)."""
+        ``image``: a 4D NIfTI path or the case's modality paths (canonical order), ``sequences``
+        their names when the case lacks some (None: all four)."""
+        item = {"image": image} if sequences is None else {"image": image, "sequences": list(sequences)}
         with self._lock:
-            data = self.run_pre_transforms({"image": image}, self.pre_transforms())
+            data = self.run_pre_transforms(item, self.pre_transforms())
             data = self.mc_dropout(data, device, samples)
         brain = (data[self.input_key] != 0).any(dim=0, keepdim=True).cpu()
         if not brain.any():
@@ -231,11 +236,15 @@ class BraTSBundleInfer(BasicInferTask):
 
     def writer(self, data, extension=None, dtype=None):
         """MONAI Label's writer, plus the predicted region volumes in mL (``volumes_ml``: TC, WT, ET)
-        whether the CRF ran (``crf``) and the modification time of the weights used (``weights_mtime``); with ``uncertainty`` the file written is the uncertainty map
-        and ``uncertainty`` summarises it."""
+        whether the CRF ran (``crf``), the modification time of the weights used (``weights_mtime``)
+        and the sequences the prediction was made from (``sequences``, canonical order, e.g.
+        ``["t1ce", "flair"]``: the others were missing and zero-filled); with ``uncertainty`` the file
+        written is the uncertainty map and ``uncertainty`` summarises it."""
         pred = data["pred"]
         affine = np.asarray(pred.affine) if isinstance(pred, MetaTensor) else np.eye(4)
+        sequences = data.get("sequences") or ",".join(MODALITIES)  # set by the bundle's loader (custom.transforms.CheckedLoadImaged)
         extra = {
+            "sequences": [m for m in (sequences.split(",") if isinstance(sequences, str) else sequences) if m],
             "volumes_ml": region_volumes_ml(pred, affine, self.convention),
             "crf": bool(data.get("crf")),
             "weights_mtime": (self._networks.get(data.get("device")) or (None, None))[1],  # which weights answered

@@ -48,7 +48,8 @@ class EpistemicMCDropoutScoring(ScoringMethod):
                 skipped.append(image_id)
                 continue
             start = time.time()
-            score = self.infer_task.epistemic_score(datastore.model_input(image_id), device, samples)
+            sequences = datastore.model_sequences(image_id) if hasattr(datastore, "model_sequences") else None
+            score = self.infer_task.epistemic_score(datastore.model_input(image_id), device, samples, sequences)
             datastore.update_image_info(
                 image_id,
                 {

@@ -115,7 +115,8 @@ class BraTSBundleTrain(BundleTrainTask):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         logger.info(f"Train request: {request}")
-        datalist = [{"image": d["image"], "label": d["label"]} for d in datastore.datalist() if d and d.get("label")]
+        # "sequences": the sequences a case has (absent: all four); the bundle's loader zero-fills the others
+        datalist = [{k: d[k] for k in ("image", "label", "sequences") if k in d} for d in datastore.datalist() if d and d.get("label")]
         train_ds, val_ds = split_datalist(datalist, request.get("val_split", 0.2))
         parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)
         epochs = request.get("max_epochs")

@@ -1,0 +1,5 @@
+import sys
+
+from custom.synthetic.dataset import main
+
+sys.exit(main())
