@@ -514,7 +514,7 @@ def load_voxels(img: nib.Nifti1Image, path: str, case_id: str | None = None, nam
 
 
 def check_image_voxels(data, where: str) -> None:
-    """Refuse (``BraTSDataError``) image voxels that are NaN/infinite, all zero, or beyond
+    """Refuse (``BraTSDataError``) image voxels that are NaN/infinite, all zero or all one value, or beyond
     :data:`MAX_ABS_INTENSITY` (they overflow float32 statistics). ``data``: a numpy array or tensor.
 
     Two reductions (min and max, which NaN propagates through) and no temporary array: about 10 ms
@@ -528,8 +528,9 @@ def check_image_voxels(data, where: str) -> None:
         raise BraTSDataError(f"{where}: contains NaN or infinite voxels ({n_nan} NaN, {n_inf} infinite)")
     if max(-lo, hi) > MAX_ABS_INTENSITY:
         raise BraTSDataError(f"{where}: intensities up to {max(-lo, hi):.3g} exceed {MAX_ABS_INTENSITY:g} (overflow-prone; MRI intensities are at most ~1e5)")
-    if lo == 0 and hi == 0:
-        raise BraTSDataError(f"{where}: all voxels are 0 (an empty or blank image)")
+    if lo == hi:  # nothing to segment: blank, or one value everywhere
+        what = "all voxels are 0 (an empty or blank image)" if lo == 0 else f"all voxels equal {lo:g} (a constant, featureless image)"
+        raise BraTSDataError(f"{where}: {what}")
 
 
 def validate_case(case: BraTSCase, read_voxels: bool = False) -> None:

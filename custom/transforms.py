@@ -219,6 +219,7 @@ class CheckedLoadImaged(LoadImaged):
                 img = _scatter(img, sequences)
             if isinstance(img, MetaTensor):
                 img.meta["sequences"] = ",".join(sequences)
+                img.meta["case_id"] = case_id  # outputs are named after the case, not its files (copied cases)
             out[key] = img
         out["sequences"] = ",".join(sequences)
         if partial:

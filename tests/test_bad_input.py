@@ -53,6 +53,7 @@ from conftest import BRATS_AFFINE, PYTHON, REPO, run_env, toy_label, toy_modalit
 from custom import brats
 from custom.brats import CONVENTIONS, BraTSDataError, NotNiftiError, check_image_voxels, list_cases, load_nifti, load_voxels
 from custom.synthetic import msd_dataset_json
+from custom.synthetic.fields import rotation
 from custom.transforms import CheckedLoadImaged, LabelToRegionsd
 
 sys.path.insert(0, str(REPO / "monailabel_app"))  # the app's own `lib` package, as its launcher does
@@ -90,14 +91,6 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray = BRATS_AFFINE, slope: floa
     if slope is not None:
         hdr["scl_slope"], hdr["scl_inter"] = slope, inter
     return hdr.binaryblock + b"\0\0\0\0" + data.tobytes(order="F")
-
-
-def rotation(angles_deg) -> np.ndarray:
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def oblique_affine(angles, zooms, origin=(10.0, -20.0, 5.0)) -> np.ndarray:
@@ -177,6 +170,7 @@ BAD_FILES = {
     "float64 beyond float32": (lambda d: _write(_t2(d), _t2_with(1e300, np.float64)), "full", r"intensities up to 1e\+300 exceed 1e\+20", True),
     "float32 overflow-prone": (lambda d: _write(_t2(d), _t2_with(1e25)), "full", r"intensities up to 1e\+25 exceed 1e\+20", True),
     "all-zero image": (lambda d: _write(_t2(d), np.zeros(SHAPE, np.int16)), "full", r"all voxels are 0", True),
+    "constant image": (lambda d: _write(_t2(d), np.full(SHAPE, 417, np.int16)), "full", r"all voxels equal 417 \(a constant, featureless image\)", True),
     "4D where 3D expected": (lambda d: _write(_t2(d), np.stack([toy_modalities()[2]] * 2, -1)), "header", r"expected a 3D image, got shape \(12, 10, 8, 2\)", True),
     "absurd size": (lambda d: _put(_t2(d), gzip.compress(nifti_bytes(np.zeros(8, np.int16), shape=(30000, 30000, 30000)))), "header",
                     r"the header declares \(30000, 30000, 30000\) voxels of int16 = 5.03e\+04 GiB, more than the 1 GiB limit \(BRATS_MAX_IMAGE_BYTES\); not read", True),

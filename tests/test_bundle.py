@@ -289,6 +289,8 @@ def test_inference_on_missing_sequences_and_a_z_scored_background(untrained, tmp
             z[brain] = (x[brain] - x[brain].mean()) / x[brain].std()
             assert z[brain].min() > -3.16
             nib.save(nib.Nifti1Image(z, img.affine), data / name / f"{name}_{m}.nii.gz")
+    for copy in ("copy_a", "copy_b"):  # copied cases: the files keep another case's names
+        shutil.copytree(src / cid, data / copy)
     out = tmp_path / "pred"
     proc = bundle("run", "inference", "--config_file", configs("inference.json", "quick.json"), "--logging_file", str(CONFIGS / "logging.conf"),
                   "--dataset_dir", str(data), "--bundle_root", str(untrained), "--output_dir", str(out), "--use_crf", "false", *TINY)
@@ -302,3 +304,7 @@ def test_inference_on_missing_sequences_and_a_z_scored_background(untrained, tmp
     full = nib.load(out / "BraTS2021_00001.nii.gz")
     assert full.header["descrip"].tobytes().rstrip(b"\0") == b"sequences: t1,t1ce,t2,flair"
     np.testing.assert_array_equal(np.asarray(nib.load(out / "BraTS2021_00002.nii.gz").dataobj), np.asarray(full.dataobj))
+    # each copied case gets its own output, named after its folder; nothing overwrote the partial case's output
+    for copy in ("copy_a", "copy_b"):
+        assert nib.load(out / f"{copy}.nii.gz").header["descrip"].tobytes().rstrip(b"\0") == b"sequences: t1,t1ce,t2,flair"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for c in (cid, "BraTS2021_00001", "BraTS2021_00002", "copy_a", "copy_b"))

@@ -411,3 +411,24 @@ def test_without_weights_listed_but_refuses(tmp_path):
     assert info["bundle"]["weights"] == "missing" and info["description"].startswith("NO WEIGHTS")
     with pytest.raises(MONAILabelException, match="No model weights"):
         task._get_network("cpu", {})
+
+
+def test_segment_map_refuses_background_index_and_shared_indices():
+    """Slicer's ``label_info``: an entry mapping index 0 (background) or reusing an index is a 422, not a silent relabel."""
+    from fastapi import HTTPException
+
+    from custom.brats import CONVENTIONS
+    from lib.datastore.brats import remap_segments
+
+    conv = CONVENTIONS["brats2021"]
+    data = np.zeros((4, 4, 4), np.uint8)
+    data[1, 1, 1], data[2, 2, 2] = 1, 2
+    ok = remap_segments(data, [{"name": conv.names[4], "idx": 1}, {"name": conv.names[2], "idx": 2}], conv, "label")
+    assert ok[1, 1, 1] == 4 and ok[2, 2, 2] == 2 and (ok == 0).sum() == 62
+    for bad in ([{"name": conv.names[4], "idx": 0}, {"name": conv.names[2], "idx": 2}, {"name": conv.names[1], "idx": 1}],
+                [{"name": conv.names[4], "idx": 1}, {"name": conv.names[2], "idx": 1}],
+                [{"name": conv.names[4], "idx": True}, {"name": conv.names[2], "idx": 2}],
+                [{"name": conv.names[4], "idx": -1}, {"name": conv.names[2], "idx": 2}, {"name": conv.names[1], "idx": 1}]):
+        with pytest.raises(HTTPException) as e:
+            remap_segments(data, bad, conv, "label")
+        assert e.value.status_code == 422 and "0 is background" in e.value.detail

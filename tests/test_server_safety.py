@@ -34,7 +34,7 @@ import mlapp_server as ms
 from custom.synthetic import write_dataset
 
 BAD_IDS = ["../BRATS_001", "..", "/etc/passwd", "BRATS_001/../BRATS_002", "labels/../BRATS_001", "..\\BRATS_001",
-           "BRATS_001\x00.nii.gz", "a" * 300, ".hidden", "BRATS_001 ", "%2e%2e%2fBRATS_001"]
+           "BRATS_001\x00.nii.gz", "a" * 300, ".hidden", "BRATS_001 ", "%2e%2e%2fBRATS_001", "BRATS_001\n", "BRATS\t001", "BRATS_001\r\n"]
 IMAGES = ["BRATS_001", "BRATS_002", "BRATS_003"]
 
 

@@ -71,7 +71,7 @@ from custom.brats import (
 
 logger = logging.getLogger(__name__)
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would also match before a final newline
 LABEL_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -153,17 +153,19 @@ def remap_segments(data: np.ndarray, segments: list, convention: LabelConvention
     """Map 3D Slicer's exported segment indices to ``convention``'s values by segment name.
 
     Slicer's MONAI Label module writes segment *positions* (1..N) and sends ``label_info`` =
-    ``[{"name": ..., "idx": ...}, ...]``; names must be the model's label names (HTTP 422 otherwise)."""
+    ``[{"name": ..., "idx": ...}, ...]``; names must be the model's label names and each ``idx`` an
+    integer >= 1 used once (0 is background: mapping it would turn the background into tumour);
+    HTTP 422 otherwise."""
     values = {name: value for value, name in convention.names.items()}
     out = np.zeros(data.shape, np.uint8)
     seen = set()
     for seg in segments:
         name, idx = (seg.get("name"), seg.get("idx")) if isinstance(seg, dict) else (None, None)
-        if name not in values or not isinstance(idx, int) or idx in seen:
+        if name not in values or not isinstance(idx, int) or isinstance(idx, bool) or idx < 1 or idx in seen:
             raise HTTPException(
                 status_code=422,
-                detail=f"{where}: label_info entry {seg!r} does not name one of the labels {sorted(values)} with a unique integer 'idx' "
-                f"(rename the segment to a label name)",
+                detail=f"{where}: label_info entry {seg!r} does not name one of the labels {sorted(values)} with its own integer 'idx' "
+                f">= 1 (0 is background; rename the segment to a label name)",
             )
         seen.add(idx)
         out[data == idx] = values[name]
