@@ -556,6 +556,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no_flops", action="store_true", help="skip the FLOP count and the peak matmul measurement")
     ap.add_argument("--check_bundle_root", type=lambda t: Path(t) if t else None, default=REPO / "runs" / "demo",
                     help="trained bundle (models/model.pt, quick.json settings) for the output-agreement check (default runs/demo; skipped if absent)")
+    ap.add_argument("--ckpt", type=lambda t: Path(t) if t else None, default=None,
+                    help="trained weights for the 'ours' pipelines (e.g. bundle/models/model.pt): the CRF then works on the model's own "
+                         "probabilities instead of oracle-noised ones (default: random weights)")
     ap.add_argument("--work_dir", type=Path, default=REPO / "runs" / "inference_speed")
     ap.add_argument("--resume", action="store_true", help="reuse results stored in --work_dir by an earlier run with identical settings "
                     "(each step's result is stored as it finishes; their load averages are those of the earlier run)")
@@ -628,8 +631,11 @@ def main(argv=None) -> int:
             over = stock_bundle_over if name == "monai-swinunetr-bundle" else before_over if name.startswith("ours-before") else {}
             if name.startswith("ours-whole"):
                 over = {"inferer": {"_target_": "custom.fast_inference.WholeVolumeInferer"}}
+            trained = args.ckpt is not None and name.startswith("ours")
             spec = {"configs": configs, "overrides": over, "use_crf": name.endswith("-crf"), "case_dir": str(case_dir), "out_dir": out_dir,
-                    "repeats": args.repeats, "device": device, "oracle": True, "whole": name.startswith("ours-whole")}
+                    "repeats": args.repeats, "device": device, "oracle": not trained, "whole": name.startswith("ours-whole")}
+            if trained:
+                spec["ckpt"] = str(args.ckpt)
             r = run_worker("bundle", spec, log, args.threads, cache(name))
         r.setdefault("load", load_average())
         results[name] = r
@@ -710,8 +716,9 @@ def report(argv, configs, net, case_dir, device, results, labels, window, scalin
         refb = results.get("monai-swinunetr-bundle")
         refb_t = _mean(refb["rows"], "total") if refb else None
         L += ["End-to-end seconds per case (load, preprocess, network incl. sliding-window aggregation, CRF, post-process, "
-              "write); 'other' = everything but network and CRF; 'CPU s' = the process's CPU time during the case (all threads). Random weights; the bundle rows feed the CRF "
-              "oracle-noised probabilities (see the script's docstring).", "",
+              "write); 'other' = everything but network and CRF; 'CPU s' = the process's CPU time during the case (all threads). "
+              + (f"'ours' rows: trained weights {args.ckpt} (the CRF works on their probabilities); other rows random weights."
+                 if args.ckpt else "Random weights; the bundle rows feed the CRF oracle-noised probabilities (see the script's docstring)."), "",
               "| pipeline | network grid | windows (roi, overlap) | s/case | network s | CRF s | other s | CPU s | peak RSS GB | x stock SwinUNETR | x stock SwinUNETR in our pipeline | load after |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results.items():
