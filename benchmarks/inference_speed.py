@@ -681,12 +681,12 @@ def main(argv=None) -> int:
         check["ckpt"] = str(ckpt)
 
     text = report(argv, configs, net, case_dir, device, results, labels, window, scaling, flops, check, load_start,
-                  time.perf_counter() - t_all)
+                  time.perf_counter() - t_all, args.ckpt)
     emit_tables(text, args.out)
     return 0
 
 
-def report(argv, configs, net, case_dir, device, results, labels, window, scaling, flops, check, load_start, wall) -> str:
+def report(argv, configs, net, case_dir, device, results, labels, window, scaling, flops, check, load_start, wall, ckpt=None) -> str:
     import platform
 
     cpu = platform.processor() or platform.machine()
@@ -717,8 +717,8 @@ def report(argv, configs, net, case_dir, device, results, labels, window, scalin
         refb_t = _mean(refb["rows"], "total") if refb else None
         L += ["End-to-end seconds per case (load, preprocess, network incl. sliding-window aggregation, CRF, post-process, "
               "write); 'other' = everything but network and CRF; 'CPU s' = the process's CPU time during the case (all threads). "
-              + (f"'ours' rows: trained weights {args.ckpt} (the CRF works on their probabilities); other rows random weights."
-                 if args.ckpt else "Random weights; the bundle rows feed the CRF oracle-noised probabilities (see the script's docstring)."), "",
+              + (f"'ours' rows: trained weights {ckpt} (the CRF works on their probabilities); other rows random weights."
+                 if ckpt else "Random weights; the bundle rows feed the CRF oracle-noised probabilities (see the script's docstring)."), "",
               "| pipeline | network grid | windows (roi, overlap) | s/case | network s | CRF s | other s | CPU s | peak RSS GB | x stock SwinUNETR | x stock SwinUNETR in our pipeline | load after |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results.items():

@@ -8,8 +8,8 @@
 - the datastore in-process: studies -> images (FLAIR series uid), aliases, HTTP 422 listing the
   series of a study missing a modality, model input in the original geometry, label -> DICOM SEG ->
   label round trip;
-- a real ``monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`` with a tiny untrained
-  network: inference on the study with ``save_label``, the DICOM SEG read back from Orthanc and
+- a real ``monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`` serving the shipped
+  model (``bundle/models/model.pt``): inference on the study with ``save_label``, the DICOM SEG read back from Orthanc and
   decoded into the image grid equals the NIfTI inference of the same case (uploaded as a 4D file to
   the same server, crf off);
 - OHIF (``/ohif/`` of that server) in headless Chromium (Debian's ``chromium``, installed when
@@ -54,13 +54,14 @@ from custom.dicom import (
 )
 from custom.orthanc import Orthanc
 from custom.synthetic import write_dataset
+from custom.synthetic.fields import rotation
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "monailabel_app"
 VENV_BIN = Path(sys.executable).parent
 ARTIFACTS = REPO / "tests" / "artifacts"
-CONFIGS = "inference.json,quick.json"
-OVERRIDES = {"use_crf": False, "spacing": [5.0, 5.0, 5.0], "roi_size": [64, 32, 32], "num_samples": 1, "warmup_epochs": 1}
+CONFIGS = "inference.json"  # the shipped model: what OHIF's screenshots show is a real segmentation
+OVERRIDES = {"use_crf": False, "num_samples": 1, "warmup_epochs": 1}
 MODEL = "brats"
 STARTUP_TIMEOUT = 180
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -99,14 +100,6 @@ def assert_same_world(arr_a, aff_a, arr_b, aff_b, atol_mm=1e-3, values_atol=0.0)
     assert all(0 <= mapped[d].min() and mapped[d].max() < arr_b.shape[d] for d in range(3)), "grids do not cover the same voxels"
     np.testing.assert_allclose(np.asarray(arr_a, np.float64).reshape(-1), np.asarray(arr_b, np.float64)[tuple(mapped)], atol=values_atol)
     assert arr_a.size == arr_b.size
-
-
-def rotation(angles_deg) -> np.ndarray:
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def _case(tmp: Path, name: str, volumes: dict) -> BraTSCase:
@@ -504,16 +497,10 @@ def decode_seg(seg: pydicom.Dataset, values: dict) -> tuple[np.ndarray, np.ndarr
 
 
 def _bundle_copy(root: Path) -> Path:
-    """The repo's bundle configs with an untrained tiny network (seeded) as models/model.pt."""
-    import torch
-
-    from lib.bundle_config import load_bundle_config
-
+    """The repo's bundle configs and its shipped weights (models/model.pt)."""
     shutil.copytree(REPO / "bundle" / "configs", root / "configs")
     (root / "models").mkdir(parents=True)
-    parser = load_bundle_config(str(root), CONFIGS.split(","), OVERRIDES)
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    shutil.copy2(REPO / "bundle" / "models" / "model.pt", root / "models" / "model.pt")
     return root
 
 
@@ -529,7 +516,7 @@ def _stop(proc):
 
 @pytest.fixture(scope="module")
 def server(orthanc, uploaded, tmp_path_factory):
-    """``monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`` (Orthanc), tiny network, crf off."""
+    """``monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`` (Orthanc), shipped model, crf off."""
     from custom.orthanc import free_port
 
     tmp = tmp_path_factory.mktemp("mlapp_dicomweb")
@@ -606,7 +593,7 @@ def test_infer_on_dicom_study_stores_a_seg_matching_the_nifti_inference(server, 
     # inference on the DICOM study (OHIF sends the UID of the series on screen: here the T1ce), result saved back
     pred, pred_affine, result = _infer(server, tmp_path, full.series["t1ce"].series_uid, {"crf": False, "save_label": True})
     assert result["crf"] is False
-    assert set(np.unique(pred).tolist()) - {0} and set(np.unique(pred).tolist()) <= {0, 1, 2, 3}, "the tiny network predicts nothing: no SEG to compare"
+    assert set(np.unique(pred).tolist()) - {0} and set(np.unique(pred).tolist()) <= {0, 1, 2, 3}, "the shipped model predicts nothing: no SEG to compare"
     # the NIfTI inference of the same case on the same server: the four original files as one 4D upload
     stack = np.stack([np.asanyarray(nib.load(case_dir / f"BraTS2021_00000_{m}.nii.gz").dataobj) for m in MODALITIES], axis=-1)
     affine = nib.load(case_dir / "BraTS2021_00000_flair.nii.gz").affine
