@@ -321,6 +321,9 @@ class SequenceNiftiWriter(NibabelWriter):
 
             header = nib.Nifti1Header()
             header["descrip"] = f"sequences: {self.sequences}"[:79].encode()
+            # with a header, nibabel stores the header's data type (float32 by default), not the array's
+            dtype = self.output_dtype if self.output_dtype is not None else np.asarray(self.data_obj).dtype
+            header.set_data_dtype(np.dtype(dtype))
             obj_kwargs["header"] = header
         super().write(filename, verbose=verbose, **obj_kwargs)
 

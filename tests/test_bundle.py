@@ -169,10 +169,10 @@ def test_region_metrics_follow_brats_conventions():
 @pytest.mark.parametrize("layout", ["2021", "2023", "msd"])
 def test_inference_writes_submission_files_in_each_layout(trained, data, layout, tmp_path):
     out = tmp_path / "pred"
-    crf = ["--use_crf", "false"] if layout == "msd" else []  # the CRF is on by default; the switch works from the command line
+    crf = [] if layout == "msd" else ["--use_crf", "true"]  # the CRF is off by default; the switch works from the command line
     proc = bundle("run", "inference", "--config_file", configs("inference.json", "quick.json"), "--dataset_dir", str(data[layout]),
                   "--bundle_root", str(trained), "--output_dir", str(out), *TINY, *crf)
-    assert ("DenseCRFd" in proc.stdout + proc.stderr) == (not crf)  # the CRF ran on every case, or not at all
+    assert ("DenseCRFd" in proc.stdout + proc.stderr) == bool(crf)  # the CRF ran on every case, or not at all
     cases = list_cases(data[layout])
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{c.case_id}.nii.gz" for c in cases)  # labelled or not
     conv = cases[0].layout.convention

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -67,7 +68,7 @@ def _state(path: Path) -> dict:
 def test_options_and_info(bundle_root):
     task = BraTSBundleTrain(str(bundle_root), CONFIGS, TINY)
     info = task.info()
-    assert info["version"] == "0.1.0"
+    assert info["version"] == json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())["version"]
     options = info["config"]
     assert options["max_epochs"] == 10 and options["val_split"] == 0.2 and options["pretrained"] is True
     assert options["num_processes"] == 2 and options["multi_gpu"] is (torch.cuda.device_count() > 1)

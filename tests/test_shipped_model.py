@@ -91,7 +91,7 @@ def test_segments_generated_cases(generated, tmp_path, sequences):
         pred_img = nib.load(tmp_path / "pred" / f"{case.name}.nii.gz")
         pred = np.asarray(pred_img.dataobj)
         ref = np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj)
-        assert pred.shape == ref.shape and set(np.unique(pred).tolist()) <= {0, 1, 2, 4}
+        assert pred.shape == ref.shape and pred_img.get_data_dtype() == np.uint8 and set(np.unique(pred).tolist()) <= {0, 1, 2, 4}
         expected = "t1,t1ce,t2,flair" if sequences == "full" else "t1ce,flair"
         assert pred_img.header["descrip"].tobytes().rstrip(b"\0").decode() == f"sequences: {expected}"
         dices.append(_wt_dice(pred, ref))
