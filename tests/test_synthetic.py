@@ -19,9 +19,9 @@ from custom import render, synthetic as syn
 SMALL, MEDIUM, FULL = (96, 96, 62), (120, 120, 78), (240, 240, 155)
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
 SEED = 7
-# Small cases of SEED generated once: 0-4 and 7 hold all four intensity styles, three tumour types (nodular,
-# non-enhancing, necrotic), random and drawn contrasts; 17 is a multifocal (two foci) nodular lesion.
-CACHED = (0, 1, 2, 3, 4, 7, 17)
+# Small cases of SEED generated once: 0-2 are the datasets' files; 0-3, 7, 10 and 11 hold all four intensity
+# styles, the four tumour types, random and drawn contrasts; 17 is a multifocal (two foci) nodular lesion.
+CACHED = (0, 1, 2, 3, 7, 10, 11, 17)
 STYLE_DTYPES = {"int16": np.int16, "uint16": np.uint16, "float": np.float32, "zscore": np.float32}
 ARTEFACTS = {"thick-slices", "ringing", "ghosts"}
 
@@ -100,7 +100,7 @@ def test_msd_layout_json_channels_and_labels(datasets, cases):
     assert meta["training"] == [{"image": f"./imagesTr/BRATS_00{i}.nii.gz", "label": f"./labelsTr/BRATS_00{i}.nii.gz"}
                                 for i in (1, 2)]
     assert meta["test"] == ["./imagesTs/BRATS_003.nii.gz"]
-    for i, sub in ((0, "imagesTr"), (2, "imagesTs")):  # case 2 is z-scored (float32)
+    for i, sub in ((0, "imagesTr"), (2, "imagesTs")):
         images, seg, _, maps = cases[i]
         img = nib.load(root / sub / f"BRATS_00{i + 1}.nii.gz")
         _check_header(img, (*SMALL, 4), STYLE_DTYPES[maps["info"]["style"]], syn.grid_affine("small"))

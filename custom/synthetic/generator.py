@@ -65,9 +65,9 @@ def generate_case(index: int, seed: int = 0, size: str = "full", return_maps: bo
     }
     core_distance = np.full(seg.shape, 99.0, np.float32)
     core_distance[box] = det["core_distance"]
-    fade = rng.uniform(6.0, 30.0)  # mm: how fast oedema's signal fades away from the core
-    gain = 0.45 + 0.55 * np.exp(-core_distance / fade) + 0.1 * smooth_field(rng, seg.shape, sp, 10, 1.0)
-    gain = np.clip(gain, 0.35, 1.0).astype(np.float32)
+    fade = rng.uniform(15.0, 80.0)  # mm: how fast oedema's signal fades away from the core
+    gain = 0.65 + 0.35 * np.exp(-core_distance / fade) + 0.1 * smooth_field(rng, seg.shape, sp, 10, 1.0)
+    gain = np.clip(gain, 0.5, 1.0).astype(np.float32)
     images_sub, acq = form_images(rng, weights, anat.brain, kept, sp, gain)
     images_sub, style = apply_style(rng, images_sub, kept)
 

@@ -45,7 +45,10 @@ def draw_contrasts(rng: np.random.Generator) -> tuple[dict[str, dict[str, float]
     if not random:  # the most variable lesion signals
         out["t1ce"]["et"] = rng.uniform(1.3, 3.0)
         out["t1ce"]["nec"] = rng.uniform(0.3, 0.8)
-        out["flair"]["nec"] = rng.uniform(0.4, 2.2)
+        out["flair"]["ed"] = rng.uniform(1.7, 3.0)  # oedema: usually the brightest FLAIR signal
+        out["flair"]["nec"] = rng.uniform(0.4, 1.8)
+        out["flair"]["net"] = rng.uniform(1.1, 2.2)
+        out["flair"]["et"] = rng.uniform(1.0, 2.0)
         out["flair"]["csf"] = rng.uniform(0.2, 0.6)
         out["t1ce"]["vessel"] = rng.uniform(1.2, 2.8)
     return out, random

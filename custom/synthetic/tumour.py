@@ -21,7 +21,7 @@ NCR, ED, ET = 1, 2, 3
 """Label values of the generator: necrotic / non-enhancing core, oedema, enhancing tumour."""
 
 TYPES = ("necrotic", "cystic", "nodular", "non-enhancing")
-TYPE_PROBS = (0.5, 0.1, 0.15, 0.25)
+TYPE_PROBS = (0.55, 0.12, 0.18, 0.15)
 
 
 @dataclass
@@ -41,11 +41,11 @@ class TumourPlan:
 
 def plan_tumour(rng: np.random.Generator) -> TumourPlan:
     kind = TYPES[int(rng.choice(len(TYPES), p=TYPE_PROBS))]
-    if rng.random() < 0.08:
-        wt_ml = float(np.exp(rng.uniform(np.log(1.0), np.log(8.0))))  # small lesions
+    if rng.random() < 0.1:
+        wt_ml = float(np.exp(rng.uniform(np.log(1.0), np.log(20.0))))  # small lesions
     else:
-        wt_ml = float(np.exp(rng.uniform(np.log(8.0), np.log(250.0))))
-    tc_frac = rng.uniform(0.1, 0.6) if kind != "non-enhancing" else rng.uniform(0.25, 0.9)
+        wt_ml = float(np.exp(rng.uniform(np.log(30.0), np.log(250.0))))
+    tc_frac = rng.uniform(0.08, 0.5) if kind != "non-enhancing" else rng.uniform(0.25, 0.8)
     n_foci = 1 if rng.random() < 0.85 else int(rng.integers(2, 4))
     return TumourPlan(kind, wt_ml, tc_frac, n_foci)
 
@@ -106,7 +106,7 @@ def draw_tumour(rng: np.random.Generator, plan: TumourPlan, anat: Anatomy) -> tu
         r = rf if r is None else np.minimum(r, rf)
     r = r * np.exp(rng.uniform(0.25, 0.5) * dct_eval(dct_coefs(rng, 10, 2.0), box_axes, box_len))
     r = r * np.exp(rng.uniform(0.05, 0.2) * dct_eval(dct_coefs(rng, 20, 1.0), box_axes, box_len)) * env
-    wm_pref = rng.uniform(0.8, 2.0)  # how strongly oedema follows white matter (finger-like borders)
+    wm_pref = rng.uniform(1.0, 3.0)  # how strongly oedema follows white matter (finger-like borders)
     tissue_factor = 0.3 + wm_pref * wm ** 1.5 + 0.15 * gm
     r_wt = np.where(brain & (csf < 0.6), r / tissue_factor, np.inf).astype(np.float32)
     # core: its own lobes near each focus, kept out of CSF
