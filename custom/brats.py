@@ -70,6 +70,10 @@ MAX_IMAGE_BYTES = int(os.environ.get("BRATS_MAX_IMAGE_BYTES", 2**30))
 MAX_FOV_MM = float(os.environ.get("BRATS_MAX_FOV_MM", 500.0))
 """Largest field of view (voxels x voxel size) along any voxel axis: a head is about 250 mm; more
 is another body part or a header with wrong voxel sizes/units (and would resample to a huge grid)."""
+MAX_HEADER_BYTES = int(os.environ.get("BRATS_MAX_HEADER_BYTES", 2**24))
+"""Largest header + extensions (the voxels' start, ``vox_offset``) and largest data after the voxels
+that a file may hold: 16 MiB by default. More is a decompression bomb (a 0.4 MB ``.nii.gz`` can
+expand to gigabytes of padding or extra gzip members), refused before it is expanded."""
 MIN_VOXEL_MM = 0.01
 """Smallest voxel size accepted (10 micrometres); smaller ones are a degenerate affine."""
 MAX_ABS_INTENSITY = 1e20
@@ -84,6 +88,11 @@ class BraTSDataError(ValueError):
 
 class NotNiftiError(BraTSDataError):
     """A file that is not a readable NIfTI file at all (empty, not gzip, another format, cut header)."""
+
+
+class OutputError(OSError):
+    """An output folder or file that cannot be written (full disk, not a folder, no permission); the
+    message names the path. Like ``BraTSDataError``, repeated as the last line of a failed command."""
 
 
 @dataclass(frozen=True)
@@ -414,6 +423,7 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None, name: str | 
         raise NotNiftiError(f"{where}: not a readable NIfTI file (named .gz but not gzip-compressed; {hint})")
     if p.endswith(".nii") and gzipped:
         raise NotNiftiError(f"{where}: not a readable NIfTI file (gzip-compressed but named .nii: rename it to .nii.gz)")
+    _check_voxel_offset(p, gzipped, where)
     try:
         img = nib.load(p)
     except Exception as e:  # nibabel raises ImageFileError, HeaderDataError, OSError, EOFError, zlib/gzip errors...
@@ -423,6 +433,37 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None, name: str | 
     if check:
         check_header(img, p, case_id, name)
     return img
+
+
+def _check_voxel_offset(path: str, gzipped: bool, where: str) -> None:
+    """Refuse a header whose voxels start beyond :data:`MAX_HEADER_BYTES` (``vox_offset``), or whose
+    extensions nibabel would read to the end of the stream (extensions flagged, ``vox_offset`` inside
+    the header). Reads the first 544 bytes only; anything that is not a NIfTI header is left to nibabel."""
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            head = f.read(544)
+    except (EOFError, OSError, zlib.error):
+        return  # nibabel names what is wrong
+    for order in "<>":
+        if len(head) >= 4 and int(np.frombuffer(head[:4], order + "i4")[0]) in (348, 540):
+            break
+    else:
+        return
+    nifti2 = int(np.frombuffer(head[:4], order + "i4")[0]) == 540
+    hdr_size = 540 if nifti2 else 348
+    if len(head) < hdr_size + 4:
+        return
+    offset = float(np.frombuffer(head[168:176], order + "i8")[0] if nifti2 else np.frombuffer(head[108:112], order + "f4")[0])
+    if not math.isfinite(offset) or offset > MAX_HEADER_BYTES:
+        raise BraTSDataError(
+            f"{where}: the header puts the voxels at byte {offset:.0f} (vox_offset), beyond the "
+            f"{MAX_HEADER_BYTES / 2**20:.3g} MiB allowed for header and extensions (BRATS_MAX_HEADER_BYTES); not read"
+        )
+    if head[hdr_size] != 0 and offset < hdr_size + 4:
+        raise BraTSDataError(
+            f"{where}: the header flags extensions but puts the voxels at byte {offset:.0f} (vox_offset), inside the "
+            f"header: the extensions have no end; not read"
+        )
 
 
 def check_header(img: nib.Nifti1Image, path: str | os.PathLike, case_id: str | None = None, name: str | None = None) -> None:
@@ -480,37 +521,65 @@ def _check_file_length(path: str, img: nib.Nifti1Image, nbytes: int, where: str)
         f.seek(-4, os.SEEK_END)
         if int.from_bytes(f.read(4), "little") == need % 2**32:
             return  # the gzip trailer's uncompressed size (mod 2**32) is what the header declares
-    # trailer disagrees: truncated, or several gzip members / trailing bytes; count what decompresses
-    have = 0
+    # trailer disagrees: truncated, or several gzip members / trailing bytes; count what decompresses,
+    # up to MAX_HEADER_BYTES past the voxels (a decompression bomb is not expanded further)
+    have, most = 0, need + MAX_HEADER_BYTES + 1
     try:
         with gzip.open(path, "rb") as g:
-            while have < need:
-                chunk = g.read(min(1 << 22, need - have))
+            while have < most:
+                chunk = g.read(min(1 << 22, most - have))
                 if not chunk:
                     break
                 have += len(chunk)
     except (EOFError, OSError, zlib.error) as e:
+        if have >= need:
+            return  # the voxels are all there; load_voxels names a corrupt tail when it reads them
         raise BraTSDataError(f"{where}: truncated or corrupt NIfTI data ({type(e).__name__}: {e}; {have} of {need} bytes readable)") from e
     if have < need:
         raise BraTSDataError(f"{where}: truncated or corrupt NIfTI data (it decompresses to {have} bytes, its header declares {need})")
+    if have == most:
+        raise BraTSDataError(_bomb_message(where))
+
+
+def _bomb_message(where: str) -> str:
+    return (f"{where}: the compressed stream holds more than {MAX_HEADER_BYTES / 2**20:.3g} MiB after the voxels its header "
+            f"declares (padding or extra gzip members; BRATS_MAX_HEADER_BYTES); not read further")
 
 
 def load_voxels(img: nib.Nifti1Image, path: str, case_id: str | None = None, name: str | None = None) -> np.ndarray:
     """The voxel array of ``img`` (loaded from ``path``); a truncated or corrupt file raises ``BraTSDataError``.
 
-    A gzip-compressed file is decompressed whole with its CRC checked: nibabel stops reading before
-    the gzip trailer, so a flipped bit in the compressed stream would otherwise give wrong voxels
-    silently. Same cost as nibabel's own read."""
+    A gzip-compressed file is decompressed to its end with its CRC checked (nibabel stops reading
+    before the gzip trailer, so a flipped bit in the compressed stream would otherwise give wrong
+    voxels silently), into one buffer of header + voxels: a stream holding more than
+    :data:`MAX_HEADER_BYTES` after the voxels (padding, extra gzip members) is refused, not expanded.
+    Peak memory: the declared header + voxels, plus the array when the header scales intensities."""
     p = os.fspath(path)
+    where = f"{_who(case_id)}{name or p}"
     try:
         with open(p, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
-            raw = (f.seek(0), f.read())[1] if gzipped else None
-        if raw is not None:
-            return np.asanyarray(type(img).from_bytes(gzip.decompress(raw)).dataobj)
-        return np.asanyarray(img.dataobj)
+        if not gzipped:
+            return np.asanyarray(img.dataobj)
+        proxy = img.dataobj
+        shape, dtype, offset = tuple(int(n) for n in proxy.shape), proxy.dtype, int(proxy.offset)
+        buf = bytearray(offset + math.prod(shape) * dtype.itemsize)
+        view, got = memoryview(buf), 0
+        with gzip.open(p, "rb") as g:
+            while got < len(buf):
+                n = g.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            extra = len(g.read(MAX_HEADER_BYTES + 1)) if got == len(buf) else 0  # reads to the trailer: checks the CRC
     except Exception as e:  # EOFError, zlib.error, BadGzipFile (CRC), OSError, ValueError from a short read
-        raise BraTSDataError(f"{_who(case_id)}{name or p}: truncated or corrupt NIfTI data ({type(e).__name__}: {e})") from e
+        raise BraTSDataError(f"{where}: truncated or corrupt NIfTI data ({type(e).__name__}: {e})") from e
+    if got < len(buf):
+        raise BraTSDataError(f"{where}: truncated or corrupt NIfTI data (it decompresses to {got} bytes, its header declares {len(buf)})")
+    if extra > MAX_HEADER_BYTES:
+        raise BraTSDataError(_bomb_message(where))
+    raw = np.frombuffer(buf, dtype, math.prod(shape), offset).reshape(shape, order="F")
+    return nib.volumeutils.apply_read_scaling(raw, np.asanyarray(proxy.slope), np.asanyarray(proxy.inter))
 
 
 def check_image_voxels(data, where: str) -> None:
@@ -595,24 +664,32 @@ def check_label_values(label: np.ndarray, convention: LabelConvention, where: st
         )
 
 
-def _data_error_message(exc: BaseException) -> str | None:
-    """The message of the ``BraTSDataError`` that caused ``exc`` (through ``__cause__``/``__context__``,
-    or in the text of an exception re-raised from a DataLoader worker process), if any."""
+def _clear_error(exc: BaseException) -> tuple[str, str] | None:
+    """``(name, message)`` of the ``BraTSDataError`` or ``OutputError`` that caused ``exc`` (through
+    ``__cause__``/``__context__``, or in the text of an exception re-raised from a DataLoader worker
+    process), if any; ``name`` is ``"BraTSDataError"`` for a data error of any kind."""
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, BraTSDataError):
-            return str(e)
-        match = re.search(r"(?:^|\n)(?:custom\.brats\.)?(?:BraTSDataError|NotNiftiError): (.*?)(?:\n\n|\Z)", str(e), re.S)
+        if isinstance(e, (BraTSDataError, OutputError)):
+            return ("OutputError" if isinstance(e, OutputError) else "BraTSDataError"), str(e)
+        match = re.search(r"(?:^|\n)(?:custom\.brats\.)?(BraTSDataError|NotNiftiError|OutputError): (.*?)(?:\n\n|\Z)", str(e), re.S)
         if match:
-            return match.group(1).strip()
+            return ("OutputError" if match.group(1) == "OutputError" else "BraTSDataError"), match.group(2).strip()
         e = e.__cause__ or e.__context__
     return None
 
 
+def _data_error_message(exc: BaseException) -> str | None:
+    """The message of the data or output error that caused ``exc`` (see :func:`_clear_error`), if any."""
+    found = _clear_error(exc)
+    return found[1] if found else None
+
+
 def install_excepthook() -> None:
-    """Make an uncaught exception caused by a ``BraTSDataError`` end stderr with that error's message.
+    """Make an uncaught exception caused by a ``BraTSDataError`` or ``OutputError`` end stderr with
+    that error's message.
 
     MONAI wraps errors raised while parsing a bundle config or applying a transform in its own
     ``RuntimeError`` ("Failed to evaluate ...", "applying transform ..."), so the traceback's last
@@ -626,9 +703,9 @@ def install_excepthook() -> None:
 
     def hook(exc_type, exc, tb):
         previous(exc_type, exc, tb)
-        message = _data_error_message(exc) if isinstance(exc, BaseException) else None
-        if message and not isinstance(exc, BraTSDataError):
-            sys.stderr.write(f"\nBraTSDataError: {message}\n")
+        found = _clear_error(exc) if isinstance(exc, BaseException) else None
+        if found and not isinstance(exc, (BraTSDataError, OutputError)):
+            sys.stderr.write(f"\n{found[0]}: {found[1]}\n")
             sys.stderr.flush()
 
     hook._brats_hook = True  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ NIfTI header of the saved label.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Hashable, Mapping
@@ -28,6 +29,7 @@ from custom.brats import (
     MODALITIES,
     REGIONS,
     BraTSDataError,
+    OutputError,
     LabelConvention,
     _check_same_grid,
     case_id_from_path,
@@ -306,7 +308,11 @@ class ZeroBackgroundd(MapTransform):
 class SequenceNiftiWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` that writes the sequences the prediction was made from into the NIfTI
     header's ``descrip`` field, e.g. ``"sequences: t1ce,flair"`` (from ``meta["sequences"]``, set by
-    :class:`CheckedLoadImaged`). Used by the bundle's ``SaveImaged`` (``writer=``)."""
+    :class:`CheckedLoadImaged`). Used by the bundle's ``SaveImaged`` (``writer=``).
+
+    Each file is written beside its destination under a hidden temporary name and renamed into place,
+    so a full disk or a killed process never leaves a partial file under the output's name; a write
+    that fails raises ``custom.brats.OutputError`` naming the file."""
 
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options):
         seq = (meta_dict or {}).get("sequences")
@@ -325,7 +331,16 @@ class SequenceNiftiWriter(NibabelWriter):
             dtype = self.output_dtype if self.output_dtype is not None else np.asarray(self.data_obj).dtype
             header.set_data_dtype(np.dtype(dtype))
             obj_kwargs["header"] = header
-        super().write(filename, verbose=verbose, **obj_kwargs)
+        final = os.fspath(filename)
+        folder, name = os.path.split(final)
+        tmp = os.path.join(folder, f".partial-{os.getpid()}-{name}")  # same suffix: nibabel picks the format by it
+        try:
+            super().write(tmp, verbose=verbose, **obj_kwargs)
+            os.replace(tmp, final)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OutputError(f"{final}: cannot be written ({type(e).__name__}: {e.strerror or e}); no file left under this name") from e
 
 
 def _paths(value) -> list[str]:

@@ -33,10 +33,12 @@ import itertools
 import json
 import math
 import re
+import resource
 import subprocess
 import sys
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -230,6 +232,60 @@ def test_absurd_size_is_refused_before_allocating_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(brats, "MAX_IMAGE_BYTES", 1000)
     with pytest.raises(BraTSDataError, match=r"\(12, 10, 8\) voxels of int16 = 1.79e-06 GiB, more than the 9.31e-07 GiB limit"):
         list_cases(tmp_path / "ok")
+
+
+BOMB_MIB = 256  # what each bomb below expands to beyond its voxels (its file is about 0.3 MB)
+
+
+def _bomb(path: Path, kind: str, data=None) -> Path:
+    """A .nii.gz of ``data`` (a toy T2) that expands far beyond its voxels: ``vox_offset`` (the voxels
+    placed BOMB_MIB MiB after the header), ``padding`` (zeros after the voxels, same gzip member) or
+    ``members`` (an extra gzip member of zeros after the image's)."""
+    data = toy_modalities()[2] if data is None else data
+    body = nifti_bytes(data)
+    zeros = b"\0" * 2**20
+    with path.open("wb") as f:
+        if kind == "members":
+            f.write(gzip.compress(body, compresslevel=1))
+        co = zlib.compressobj(9, zlib.DEFLATED, 31)  # one gzip member
+        if kind == "vox_offset":
+            hdr = bytearray(body[:348])
+            hdr[108:112] = np.float32(352 + BOMB_MIB * 2**20).tobytes()
+            f.write(co.compress(bytes(hdr) + b"\0\0\0\0"))
+        elif kind == "padding":
+            f.write(co.compress(body))
+        for _ in range(BOMB_MIB):
+            f.write(co.compress(zeros))
+        if kind == "vox_offset":
+            f.write(co.compress(body[352:]))
+        f.write(co.flush())
+    return path
+
+
+@pytest.mark.parametrize("kind", ["vox_offset", "padding", "members"])
+def test_decompression_bombs_are_refused_before_expanding(tmp_path, image_store, kind):
+    """Data layer (the bundle's loader reads through it) and both uploads: refused, memory bounded."""
+    write_toy_dataset(tmp_path, "2021", n=1)
+    bomb = _bomb(tmp_path / CID / f"{CID}_t2.nii.gz", kind)
+    assert bomb.stat().st_size < 2**20
+    message = "vox_offset" if kind == "vox_offset" else "after the voxels its header declares"
+    image = _bomb(tmp_path / "image.nii.gz", kind, np.stack([_noise() + 1] * 4, -1))
+    label = _bomb(tmp_path / "label.nii.gz", kind, np.zeros(IMAGE_SHAPE, np.uint8))
+    tracemalloc.start()
+    with pytest.raises(BraTSDataError, match=f"case {CID}: {re.escape(str(bomb))}: .*{message}"):
+        list_cases(tmp_path, check="full")
+    with pytest.raises(BraTSDataError, match=message):
+        CheckedLoadImaged(keys="image")({"image": [str(bomb)]})
+    with pytest.raises(HTTPException) as image_err:
+        image_store.add_image("bomb", str(image), {})
+    with pytest.raises(HTTPException) as label_err:
+        check_label_file(str(label), IMAGE_SHAPE, IMAGE_AFFINE, CONVENTIONS["brats2021"], WHERE)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 32 * 2**20, peak  # the bombs expand to 256 MiB
+    for err, who in ((image_err, "image 'bomb'"), (label_err, WHERE)):
+        assert err.value.status_code == 422 and err.value.detail.startswith(f"{who}: ") and message in err.value.detail, err.value.detail
+    assert "bomb" not in image_store._datastore.objects
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES + FLOAT_DTYPES)
@@ -740,10 +796,18 @@ def bundle_runs(tmp_path_factory):
     d, cid, bad = dataset("nan", 3, lambda c, i: _write(c / f"{i}_t1ce.nii.gz", _t2_with(np.nan)), case=2)
     runs["training, NaN voxel (load time)"] = (["training", "--config_file", _configs("train.json", "quick.json"), "--epochs", "1", "--num_workers", "0"], d, cid, bad,
                                                "contains NaN or infinite voxels (1 NaN, 0 infinite)")
-    # load time in a DataLoader worker process: the error crosses a process boundary as text
-    d, cid, bad = dataset("zero", 2, lambda c, i: _write(c / f"{i}_t2.nii.gz", np.zeros(SHAPE, np.int16)), case=1, unlabelled=2)
-    runs["inference, all-zero image (load time, worker process)"] = (["inference", "--config_file", _configs("inference.json", "quick.json"), "--num_workers", "1"], d, cid, bad,
-                                                                     "all voxels are 0")
+    # batch inference: two bad cases among four (an all-zero image, a decompression bomb); the others are written
+    d, cid, bad = dataset("batch", 4, lambda c, i: _write(c / f"{i}_t2.nii.gz", np.zeros(SHAPE, np.int16)), case=1, unlabelled=4)
+    bomb = _bomb(d / "BraTS2021_00002" / "BraTS2021_00002_flair.nii.gz", "padding")
+    runs["inference, two bad cases among four (batch summary)"] = (
+        ["inference", "--config_file", _configs("inference.json", "quick.json"), "--num_workers", "1"], d, cid, [bad, bomb], "")
+    # output folder that cannot be made (its parent is a file); a write that fails (file size limit: a full disk)
+    d, _, _ = dataset("good", 1, lambda c, i: None, unlabelled=1)
+    (root / "a_file").write_text("not a folder")
+    runs["inference, output folder cannot be made"] = (
+        ["inference", "--config_file", _configs("inference.json", "quick.json"), "--output_dir", str(root / "a_file" / "out")], d, None, None, "")
+    runs["inference, disk full while writing"] = (
+        ["inference", "--config_file", _configs("inference.json", "quick.json"), "--num_workers", "0"], d, None, None, "fsize")
     bundle_root = root / "bundle"
     (bundle_root / "models").mkdir(parents=True)
     parser = ConfigParser()
@@ -756,21 +820,44 @@ def bundle_runs(tmp_path_factory):
     env["OMP_NUM_THREADS"] = "1"
     procs = {}
     for name, (args, d, cid, bad, expected) in runs.items():
-        cmd = [PYTHON, "-m", "monai.bundle", "run", *args, "--dataset_dir", str(d), "--bundle_root", str(bundle_root),
-               "--output_dir", str(root / "out" / str(len(procs))), *TINY]
-        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cid, bad, expected)
+        out_dir = root / "out" / str(len(procs))
+        own_out = [] if "--output_dir" in args else ["--output_dir", str(out_dir)]
+        cmd = [PYTHON, "-m", "monai.bundle", "run", *args, *own_out, "--dataset_dir", str(d), "--bundle_root", str(bundle_root), *TINY]
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))) if expected == "fsize" else None  # files > 64 bytes fail
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=limit), cid, bad, expected, out_dir)
     results = {}
-    for name, (proc, cid, bad, expected) in procs.items():
+    for name, (proc, cid, bad, expected, out_dir) in procs.items():
         out, err = proc.communicate(timeout=300)
-        results[name] = (proc.returncode, out, err, cid, bad, expected)
+        results[name] = (proc.returncode, out, err, cid, bad, expected, out_dir)
     return results
 
 
-@pytest.mark.parametrize("name", ["evaluating, truncated file (parse time)", "training, NaN voxel (load time)",
-                                  "inference, all-zero image (load time, worker process)"])
+@pytest.mark.parametrize("name", ["evaluating, truncated file (parse time)", "training, NaN voxel (load time)"])
 def test_bundle_command_ends_with_the_data_error(bundle_runs, name):
-    code, out, err, cid, bad, expected = bundle_runs[name]
+    code, out, err, cid, bad, expected, _ = bundle_runs[name]
     assert code != 0, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"BraTSDataError: case {cid}: {bad}"), err[-3000:]
     assert expected in last, last
+
+
+def test_batch_inference_writes_every_good_case_then_names_the_bad_ones(bundle_runs):
+    code, out, err, cid, (zero, bomb), _, out_dir = bundle_runs["inference, two bad cases among four (batch summary)"]
+    assert code != 0, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"BraTSDataError: 2 of 4 cases not segmented (2 written to {out_dir}): case {cid}: {zero}: "), last
+    assert "all voxels are 0" in last and f"case BraTS2021_00002: {bomb}: the compressed stream holds more than" in last, last
+    assert sorted(p.name for p in out_dir.iterdir()) == ["BraTS2021_00000.nii.gz", "BraTS2021_00003.nii.gz"]
+    for p in out_dir.iterdir():
+        assert np.asarray(nib.load(p).dataobj).shape == SHAPE
+
+
+def test_unwritable_output_fails_naming_the_path_and_leaves_no_partial_file(bundle_runs):
+    code, out, err, *_ = bundle_runs["inference, output folder cannot be made"]
+    assert code != 0 and err.strip().splitlines()[-1].startswith("OutputError: output folder "), err[-3000:]
+    assert "a_file/out: not writable (" in err.strip().splitlines()[-1], err[-3000:]
+    code, out, err, _, _, _, out_dir = bundle_runs["inference, disk full while writing"]
+    last = err.strip().splitlines()[-1]
+    assert code != 0 and last.startswith(f"OutputError: {out_dir / 'BraTS2021_00000.nii.gz'}: cannot be written (OSError: File too large)"), err[-3000:]
+    assert list(out_dir.iterdir()) == []  # neither the result's name nor a temporary file
