@@ -151,6 +151,13 @@ class MyApp(MONAILabelApp):
         task = self._infers.get("brats")
         return {"epistemic": EpistemicMCDropoutScoring(task, self.options["mc_samples"])} if task else {}
 
+    def next_sample(self, request):
+        """MONAI Label's ``next_sample``; an unknown strategy is HTTP 404 naming the available ones."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(status_code=404, detail=f"unknown strategy {str(strategy)[:80]!r}; this server has {sorted(self._strategies)}")
+        return super().next_sample(request)
+
     def infer(self, request, datastore=None):
         """MONAI Label's ``infer``, with the image id checked (HTTP 400/404) and resolved to the case's
         network input (a 4D NIfTI or the modality files of a BraTS case folder, with the names of the
@@ -164,6 +171,10 @@ class MyApp(MONAILabelApp):
             return super().infer(request, datastore)
         image_id = datastore.require_image(image)
         model_input = datastore.model_input(image_id)
+        gone = [f for f in ([model_input] if isinstance(model_input, str) else model_input) if not os.path.isfile(f)]
+        if gone:
+            raise HTTPException(status_code=404, detail=f"image {image_id!r}: its file(s) are no longer on the server's disk "
+                                                        f"({', '.join(os.path.basename(f) for f in gone)}); add the image again")
         sequences = datastore.model_sequences(image_id)  # those present; the bundle's loader zero-fills the others
         save_label = str(request.get("save_label", False)).lower() in ("true", "1")
         result = super().infer({**request, "image": model_input, "sequences": sequences, "save_label": False}, datastore)

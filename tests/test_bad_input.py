@@ -59,7 +59,7 @@ from custom.synthetic.fields import rotation
 from custom.transforms import CheckedLoadImaged, LabelToRegionsd
 
 sys.path.insert(0, str(REPO / "monailabel_app"))  # the app's own `lib` package, as its launcher does
-from lib.datastore.brats import CheckedLocalDatastore, check_label_file  # noqa: E402
+from lib.datastore.brats import CheckedLocalDatastore, check_label_file, open_datastore  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
 CID = "BraTS2021_00000"
@@ -710,6 +710,20 @@ def test_uploads_declaring_absurd_sizes_are_refused_before_reading(tmp_path, ima
     assert peak < 5 * 2**20, peak
     for err, who in ((label_err, WHERE), (image_err, "image 'huge'")):
         assert err.value.status_code == 422 and err.value.detail.startswith(f"{who}: the header declares (30000, 30000, 30000, 4) voxels of uint8")
+
+
+def test_case_the_server_cannot_name_is_not_listed_and_training_goes_on(tmp_path):
+    """A case folder with a space is listed by the data layer (the bundle uses it) but not served:
+    the datastore lists, and trains on, the cases it can serve."""
+    write_toy_dataset(tmp_path, "2021", n=3)
+    odd = tmp_path / "BraTS2021 00002"
+    (tmp_path / "BraTS2021_00002").rename(odd)
+    for f in odd.iterdir():
+        f.rename(odd / f.name.replace("BraTS2021_00002", "BraTS2021 00002"))
+    assert [c.case_id for c in list_cases(tmp_path)] == ["BraTS2021 00002", "BraTS2021_00000", "BraTS2021_00001"]
+    store, layout = open_datastore(str(tmp_path))
+    assert layout.name == "brats2021" and sorted(store.list_images()) == ["BraTS2021_00000", "BraTS2021_00001"]
+    assert [Path(d["label"]).name for d in store.datalist()] == ["BraTS2021_00000_seg.nii.gz", "BraTS2021_00001_seg.nii.gz"]
 
 
 @pytest.fixture(scope="module")

@@ -78,8 +78,10 @@ def server(tmp_path_factory):
     for f in sorted((tmp / "msd" / "imagesTr").glob("*.nii.gz")):
         shutil.copy(f, studies / f.name)
     bundle = ms.bundle_copy(tmp / "bundle", with_weights=True)
-    proc, info = ms.launch(tmp, studies, bundle, conf={"max_upload_mb": "1"})
-    state = {"proc": proc, **info}
+    server_tmp = tmp / "server_tmp"  # the server's temporary folder (TMPDIR), checked for leftovers
+    server_tmp.mkdir()
+    proc, info = ms.launch(tmp, studies, bundle, conf={"max_upload_mb": "1"}, env={"TMPDIR": str(server_tmp)})
+    state = {"proc": proc, "server_tmp": server_tmp, **info}
     try:
         yield state
     finally:
@@ -197,6 +199,49 @@ def test_refused_features_sessions_and_model_upload(server, tmp_path):
     assert r.status_code == 403, r.text
     assert requests.delete(f"{url}/model/{ms.MODEL}", timeout=60).status_code == 403
     assert weights.is_file() and _sha(weights.read_bytes()) == digest
+
+
+# ------------------------------------------------------------------------------------ client errors and leftovers
+
+
+def test_client_errors_are_4xx_with_the_reason_and_leave_no_temporary_file(server):
+    url, studies, server_tmp = server["url"], server["studies"], server["server_tmp"]
+    before = set(server_tmp.iterdir())
+
+    def infer(params: dict | str, image="BRATS_001", **kw):
+        data = {"params": params if isinstance(params, str) else json.dumps(params)}
+        return requests.post(f"{url}/infer/{ms.MODEL}", params={"image": image, "output": "json"} if image else {"output": "json"},
+                             data=data, timeout=300, **kw)
+
+    three_d = _nifti_bytes(nib.Nifti1Image(np.ones((20, 20, 12), np.float32), np.eye(4)))
+    expected = {  # what the client sent -> (status, words of the reason)
+        "params not JSON": (infer("{crf: no"), 400, "params must be a JSON object"),
+        "flag not a boolean": (infer({"crf": "maybe"}), 422, "crf must be true or false, got 'maybe'"),
+        "mc_samples not a number": (infer({"uncertainty": True, "mc_samples": "many"}), 422, "mc_samples must be an integer"),
+        "unknown strategy": (requests.post(f"{url}/activelearning/nope", json={}, timeout=60), 404, "unknown strategy 'nope'"),
+        "upload that is not an image": (infer({}, image=None, files={"file": ("x.nii.gz", b"hello, not NIfTI")}), 415, "not a readable NIfTI file"),
+        "3D upload, four sequences needed": (infer({}, image=None, files={"file": ("x.nii.gz", three_d)}), 422, "expected 4 image channels"),
+        "refused image upload": (requests.put(f"{url}/datastore/image", params={"image": "JUNK"}, files={"file": ("junk.nii.gz", b"junk")}, timeout=60),
+                                 415, "not a readable NIfTI file"),
+        "refused label upload": (_put_label(url, "BRATS_001", three_d), 422, "label for image 'BRATS_001'"),
+    }
+    for what, (r, status, words) in expected.items():
+        assert r.status_code == status and words in r.json()["detail"], (what, r.status_code, r.text[:300])
+    # an image deleted from disk while the server runs
+    small = np.random.default_rng(0).random((20, 20, 12, 4)).astype(np.float32) + 0.5
+    r = requests.put(f"{url}/datastore/image", params={"image": "GONE_001"},
+                     files={"file": ("GONE_001.nii.gz", _nifti_bytes(nib.Nifti1Image(small, np.eye(4))))}, timeout=60)
+    assert r.status_code == 200, r.text
+    (studies / "GONE_001.nii.gz").unlink()
+    r = infer({"crf": False}, image="GONE_001")
+    assert r.status_code == 404 and "GONE_001" in r.json()["detail"], r.text[:300]
+    # a dataset download (one labelled image), then nothing any of these requests sent or made stays behind
+    assert _put_label(url, "BRATS_003", _label(studies, "BRATS_003", 2)).status_code == 200
+    r = requests.get(f"{url}/datastore/dataset", timeout=120)
+    assert r.status_code == 200 and r.content[:2] == b"PK", r.text[:300]
+    assert requests.get(f"{url}/info/", timeout=10).status_code == 200
+    leftovers = [p.name for p in set(server_tmp.iterdir()) - before if p.is_file()]
+    assert leftovers == [], leftovers
 
 
 # ------------------------------------------------------------------------------------ upload limit
@@ -485,10 +530,14 @@ def test_auth_on_unauthenticated_gets_401_signed_token_with_roles_succeeds(auth_
     assert not (studies / "labels" / "final" / "BRATS_001.nii.gz").exists()
     assert not (studies / "NEW_001.nii.gz").exists()
 
-    # roles: a plain user may infer but not save labels or train
+    # roles: a plain user may infer but not save labels (directly or through /infer) or train
     user = _bearer(idp.token([USER], username="uma"))
     assert infer(user).status_code == 200
     assert upload_label(user).status_code == 403
+    r = requests.post(f"{url}/infer/{ms.MODEL}", params={"image": "BRATS_001", "output": "json"}, headers=user, timeout=300,
+                      data={"params": json.dumps({"crf": False, "save_label": True, "label_tag": "by_uma"})})
+    assert r.status_code == 403 and "annotator" in r.json()["detail"], r.text[:300]
+    assert not (studies / "labels" / "by_uma").exists()
     assert train(user).status_code == 403
     # an annotator saves labels; an admin trains
     annotator = _bearer(idp.token([USER, ANNOTATOR], username="anna"))
@@ -498,6 +547,8 @@ def test_auth_on_unauthenticated_gets_401_signed_token_with_roles_succeeds(auth_
     admin = _bearer(idp.token(everything, username="root"))
     r = train(admin)
     assert r.status_code == 200, r.text
+    r = train(admin)  # a second request while the first runs
+    assert r.status_code == 409 and "already running" in r.json()["detail"], r.text[:300]
     r = requests.delete(f"{url}/train/", headers=admin, timeout=60)  # stop it: only the authorisation is under test
     assert r.status_code == 200, r.text
     assert requests.get(f"{url}/info/", timeout=10).status_code == 401

@@ -23,6 +23,18 @@ What :func:`harden_server` does, and why it is here rather than in MONAI Label:
   or ``label`` (MONAI Label merges them over the request, so a client could name any server file),
   and a ``label_tag`` must be a safe id (checked before the model runs);
   :func:`request_has_upload` tells ``MyApp.infer`` whether the request really carried a file.
+- **Nothing a request sends stays behind** (:class:`RequestFilesMiddleware`): MONAI Label's
+  endpoints copy uploads to temporary files and remove them in a background task that never runs
+  when the request fails (a refused upload left its whole body in the temp folder), and
+  ``GET /datastore/dataset`` leaves its zip; every temporary file those endpoints (and the
+  datastores' archives) create is recorded for the request and removed once its response is sent.
+- **Client errors are 4xx with their reason** (:class:`ErrorMiddleware`): an exception that reaches
+  no handler is answered 422 when caused by bad data (a ``custom.brats.BraTSDataError``, 415 for a
+  file that is not NIfTI at all) or an invalid input (MONAI Label's ``INVALID_INPUT``), else 500
+  with its type and message (a real server fault, logged with its traceback). A second training
+  request while one runs is 409 (MONAI Label says 429).
+- **Roles on every path**: ``POST /infer`` with ``save_label`` stores a label, so it needs the
+  role that ``PUT /datastore/label`` needs (annotator); MONAI Label checks only the user role.
 - **Authentication** (``MONAI_LABEL_AUTH_ENABLE=true``): MONAI Label 0.8.5 calls ``jwt.decode``
   without ``algorithms``, which PyJWT 2 refuses for every token, so with auth on every request got
   401. :func:`verify_token` replaces ``monailabel.endpoints.user.auth.from_token`` (looked up at
@@ -44,11 +56,14 @@ servers started with that extra flag.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import json
 import logging
-from typing import Any, Dict, Optional, Sequence
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import parse_qsl
 
 from fastapi import HTTPException
@@ -61,6 +76,9 @@ ID_PATH_PREFIXES = ("/datastore", "/infer", "/wsi_infer")
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 _UPLOAD = contextvars.ContextVar("monailabel_app_infer_upload", default=False)
+_USER = contextvars.ContextVar("monailabel_app_user", default=None)
+_REQUEST_FILES: contextvars.ContextVar[Optional[List[str]]] = contextvars.ContextVar("monailabel_app_request_files", default=None)
+TEMPFILE_MODULES = ("monailabel.endpoints.datastore", "monailabel.endpoints.infer", "monailabel.datastore.local")
 
 
 def parse_security_conf(conf: Dict[str, str]) -> dict:
@@ -90,7 +108,10 @@ def harden_server(conf: Dict[str, str], app=None) -> dict:
 
         app = monailabel.app.app
     install_middleware(app, options["max_upload_bytes"])
+    track_endpoint_temp_files()
     guard_infer_endpoint()
+    guard_train_endpoint()
+    record_request_user()
     install_token_verification(options["auth_algorithms"])
     logger.info(
         f"Server hardening: uploads <= {options['max_upload_mb']:g} MiB, ids checked on {list(ID_PATH_PREFIXES)}, "
@@ -204,12 +225,117 @@ class RequestGuardMiddleware:
         await self.app(scope, receive, send)
 
 
+# ------------------------------------------------------------------------ request files and errors
+
+
+def track_request_file(path: str) -> str:
+    """Record ``path`` as a temporary file of the current request (removed after its response); returns it."""
+    files = _REQUEST_FILES.get()
+    if files is not None:
+        files.append(path)
+    return path
+
+
+class _TrackedTempfile:
+    """Stands in for the ``tempfile`` module inside :data:`TEMPFILE_MODULES`: named temporary files are tracked."""
+
+    def __getattr__(self, name: str):
+        return getattr(tempfile, name)
+
+    @staticmethod
+    def NamedTemporaryFile(*args, **kwargs):  # noqa: N802 (the tempfile name)
+        f = tempfile.NamedTemporaryFile(*args, **kwargs)
+        track_request_file(f.name)
+        return f
+
+
+def track_endpoint_temp_files() -> None:
+    import importlib
+
+    for name in TEMPFILE_MODULES:
+        importlib.import_module(name).tempfile = _TrackedTempfile()
+
+
+class RequestFilesMiddleware:
+    """Remove every file recorded by :func:`track_request_file` once the request's response is sent."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        files: List[str] = []
+        token = _REQUEST_FILES.set(files)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _REQUEST_FILES.reset(token)
+            for path in files:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+def error_response(exc: BaseException) -> tuple[int, str]:
+    """``(status, detail)`` for an exception no endpoint handled (see module docstring)."""
+    from custom.brats import NotNiftiError, _clear_error
+    from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+
+    found = _clear_error(exc)
+    if found is not None and found[0] == "BraTSDataError":
+        chain, e = [], exc
+        while e is not None and e not in chain:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        return (415 if any(isinstance(c, NotNiftiError) for c in chain) else 422), found[1]
+    e = exc
+    while e is not None:
+        if isinstance(e, MONAILabelException) and e.error == MONAILabelError.INVALID_INPUT:
+            return 422, str(e.msg)
+        e = e.__cause__
+    message = getattr(exc, "msg", None) or str(exc) or "no message"
+    return 500, f"server error ({type(exc).__name__}): {message}"
+
+
+class ErrorMiddleware:
+    """Answer an exception that escaped the endpoints with :func:`error_response` (JSON ``detail``)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as e:
+            if started:
+                raise
+            status, detail = error_response(e)
+            if status >= 500:
+                logger.exception(f"{status} {scope['method']} {scope['path']}: {detail[:300]}")
+            else:
+                logger.warning(f"{status} {scope['method']} {scope['path']}: {detail[:300]}")
+            await _send_json(send, status, detail)
+
+
 def install_middleware(app, max_bytes: int) -> None:
-    """Append the guard and the upload limit to ``app``'s middleware and (re)build its stack (see module docstring)."""
+    """Append the request-file sweep, the error answers, the guard and the upload limit to ``app``'s
+    middleware (outermost first) and (re)build its stack (see module docstring)."""
     from starlette.middleware import Middleware
 
-    app.user_middleware[:] = [m for m in app.user_middleware if m.cls not in (RequestGuardMiddleware, UploadLimitMiddleware)]
-    app.user_middleware += [Middleware(RequestGuardMiddleware), Middleware(UploadLimitMiddleware, max_bytes=max_bytes)]
+    ours = (RequestFilesMiddleware, ErrorMiddleware, RequestGuardMiddleware, UploadLimitMiddleware)
+    app.user_middleware[:] = [m for m in app.user_middleware if m.cls not in ours]
+    app.user_middleware += [Middleware(RequestFilesMiddleware), Middleware(ErrorMiddleware), Middleware(RequestGuardMiddleware),
+                            Middleware(UploadLimitMiddleware, max_bytes=max_bytes)]
     if app.middleware_stack is not None:  # already serving (we are inside its lifespan start-up)
         app.middleware_stack = app.build_middleware_stack()
 
@@ -245,6 +371,8 @@ def guard_infer_endpoint() -> None:
             from lib.datastore.brats import check_id
 
             check_id(p["label_tag"], "label tag")
+        if str(p.get("save_label", "")).strip().lower() in ("true", "1", "yes", "on"):
+            require_role_to_save_labels()
         if session_id:
             raise HTTPException(status_code=406, detail="sessions are not enabled on this server: pass the image id or upload the file")
         token = _UPLOAD.set(file is not None)
@@ -257,7 +385,58 @@ def guard_infer_endpoint() -> None:
     endpoint.run_inference = run_inference
 
 
+def guard_train_endpoint() -> None:
+    """``POST /train/<model>`` while a training runs: 409 with the reason (MONAI Label answers 429)."""
+    from monailabel.endpoints import train as endpoint
+
+    if getattr(endpoint.run_model, "_monailabel_app_guarded", False):
+        return
+    original = endpoint.run_model
+
+    @functools.wraps(original)
+    def run_model(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except HTTPException as e:
+            if e.status_code != 429:
+                raise
+            raise HTTPException(status_code=409, detail=f"a training task is already running ({e.detail.strip('+ ')}): "
+                                "wait for it (GET /train/), stop it (DELETE /train/), or queue this one with enqueue=true") from e
+
+    run_model._monailabel_app_guarded = True
+    endpoint.run_model = run_model
+
+
 # --------------------------------------------------------------------------------- authentication
+
+
+def record_request_user() -> None:
+    """Keep the user that MONAI Label's role check (``RBAC``) let through, for checks deeper in the request."""
+    from monailabel.endpoints.user import auth
+
+    if getattr(auth.RBAC.__call__, "_monailabel_app_recorded", False):
+        return
+    original = auth.RBAC.__call__
+
+    async def call(self, user=auth.Security(auth.get_current_user)):
+        user = await original(self, user)
+        _USER.set(user)
+        return user
+
+    call._monailabel_app_recorded = True
+    auth.RBAC.__call__ = call
+
+
+def require_role_to_save_labels() -> None:
+    """403 unless the request's user may save labels (the annotator role of ``PUT /datastore/label``)."""
+    from monailabel.config import settings
+
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        return
+    user = _USER.get()
+    role = settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
+    if user is None or role not in (user.roles or []):
+        raise HTTPException(status_code=403, detail=f"save_label stores a label: it needs the {role!r} role, like PUT /datastore/label")
 
 
 def verify_token(token: str, algorithms: Sequence[str] = ("RS256",)):

@@ -68,6 +68,7 @@ from custom.brats import (
     load_nifti,
     load_voxels,
 )
+from lib.security import track_request_file
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +400,7 @@ class BraTSDatastore(CheckedLocalDatastore):
     def __init__(self, studies: str, layout: Layout, **kwargs):
         self.layout = layout
         self._cases: dict[str, BraTSCase] = {}
+        self._skipped: set[str] = set()
         super().__init__(studies, convention=layout.convention, extensions=("*.nii.gz", "*.nii"), **kwargs)
         if not self._cases:  # LocalDatastore skips reconciling in read-only mode; the case list is needed
             self._reconcile_datastore()
@@ -461,6 +463,7 @@ class BraTSDatastore(CheckedLocalDatastore):
         if not items:
             raise HTTPException(status_code=404, detail="no labelled case to archive")
         with tempfile.NamedTemporaryFile(suffix=".zip", delete=False) as f:
+            track_request_file(f.name)  # removed once the download is sent
             with zipfile.ZipFile(f, mode="w") as archive:
                 for item in items:
                     case_id = Path(item["label"]).name.split(".")[0]
@@ -472,12 +475,20 @@ class BraTSDatastore(CheckedLocalDatastore):
         """Rebuild the image list from the dataset's cases and the label list from ``labels/<tag>/`` + segmentation files."""
         self._init_from_datastore_file()
         try:
-            cases = {c.case_id: c for c in list_cases(self._datastore_path, check="none")}
+            listed = list_cases(self._datastore_path, check="none")
         except BraTSDataError as e:
             logger.error(f"datastore not refreshed: {e}")
             if self._cases:
                 return
             raise
+        cases = {}
+        for c in listed:  # served ids only: a case the API could never name is not listed (nor trained on)
+            if SAFE_ID.match(c.case_id) and ".." not in c.case_id:
+                cases[c.case_id] = c
+            elif c.case_id not in self._skipped:
+                self._skipped.add(c.case_id)
+                logger.warning(f"case {c.case_id!r} skipped: a case id must be 1-128 letters, digits, '.', '_' or '-' "
+                               f"(rename its folder/files to serve it)")
         self._cases = cases
         objects = self._datastore.objects
         labels_dir = self._datastore.label_path(None)

@@ -11,7 +11,10 @@ Every transform, the network and the inferer come from the bundle's own config p
   which were used);
 - the bundle's ``SaveImaged`` is dropped from ``postprocessing``; the label map (1, H, W, D) is
   squeezed to (H, W, D) uint8 and handed to MONAI Label's writer;
-- labels shown to Slicer/OHIF are the parsed ``label_convention``'s names and values.
+- labels shown to Slicer/OHIF are the parsed ``label_convention``'s names and values;
+- the weights are checked against the configured network (``network_def``, ``network_settings``) at
+  start-up and whenever the file changes (``custom.checkpoints.check_weights``): weights that do not
+  fit are flagged in ``/info`` and inference answers 503 with a message naming both.
 
 Per-request options (``params`` of ``POST /infer/<model>``):
 
@@ -40,12 +43,14 @@ from typing import Any, Callable, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from fastapi import HTTPException
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import CastToTyped, Compose, Invertd, SaveImaged, SqueezeDimd
 from monai.utils import convert_to_numpy
 
 from custom.brats import MODALITIES
+from custom.checkpoints import WeightsMismatchError, check_weights
 from custom.crf import DenseCRFd
 from custom.metrics import region_volumes_ml
 from custom.uncertainty import mc_uncertainty, mean_logit
@@ -53,6 +58,7 @@ from lib.bundle_config import load_bundle_config
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import strtobool
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +69,13 @@ MAX_MC_SAMPLES = 64
 COLOURS = {"ncr": (255, 255, 0), "ed": (0, 200, 0), "et": (220, 0, 0)}
 
 
-def truthy(value: Any) -> bool:
-    """Request/config flags arrive as bools, numbers or strings ('true', 'false', '1', '0')."""
-    return str(value).strip().lower() in ("true", "1", "yes", "on")
+def truthy(value: Any, name: str = "flag") -> bool:
+    """Request/config flags arrive as bools, numbers or strings ('true', 'false', '1', '0', 'yes', 'off'...);
+    anything else is an invalid input (HTTP 422 through the app's error handling)."""
+    try:
+        return bool(strtobool(str(value).strip()))
+    except ValueError:
+        raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"{name} must be true or false, got {value!r}") from None
 
 
 class BraTSBundleInfer(BasicInferTask):
@@ -84,7 +94,7 @@ class BraTSBundleInfer(BasicInferTask):
         self.overrides = dict(overrides or {})
         self.parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)
         # The CRF stays in the parsed post-processing; requests drop it when they do not want it.
-        self.default_crf = truthy(self.parser["use_crf"])
+        self.default_crf = truthy(self.parser["use_crf"], "use_crf")
         self.parser["use_crf"] = True
         self._lock = threading.RLock()
 
@@ -93,6 +103,9 @@ class BraTSBundleInfer(BasicInferTask):
         self.has_weights = os.path.isfile(model_path)
 
         network = self.parser.get_parsed_content("network_def", instantiate=True)
+        # the settings the weights must have been trained with (feature_size, depths...), checked at (re)load
+        self.network_settings = self.parser.get_parsed_content("network_settings") if self.parser.get("network_settings") else None
+        self._weights_checked: tuple[float, str | None] | None = None  # (mtime of model_path, why they do not fit)
         self.convention = self.parser.get_parsed_content("label_convention")
         labels = {name: int(value) for value, name in sorted(self.convention.names.items())}
         meaning = {self.convention.ncr: "ncr", self.convention.ed: "ed", self.convention.et: "et"}
@@ -121,6 +134,10 @@ class BraTSBundleInfer(BasicInferTask):
             config={"crf": self.default_crf},  # options 3D Slicer shows for this model
             **kwargs,
         )
+        problem = self.weights_problem()
+        if problem:
+            logger.warning(f"Model weights do not fit the configured network; inference is refused until they do: {problem}")
+            self.description = f"WEIGHTS DO NOT FIT: {problem}. " + self.description
 
     def is_valid(self) -> bool:
         # Listed in /info even without weights (the description says so); inference refuses.
@@ -134,7 +151,7 @@ class BraTSBundleInfer(BasicInferTask):
             "bundle_root": self.bundle_root,
             "bundle_configs": ",".join(self.configs),
             "model_path": self.model_path,
-            "weights": "present" if os.path.isfile(self.model_path) else "missing",
+            "weights": "missing" if not os.path.isfile(self.model_path) else "do not fit" if self.weights_problem() else "present",
             "label_convention": self.convention.name,
             "request_options": {"crf": "bool", "uncertainty": "bool", "mc_samples": f"int 2..{MAX_MC_SAMPLES}"},
         }
@@ -142,8 +159,8 @@ class BraTSBundleInfer(BasicInferTask):
 
     def __call__(self, request, callbacks=None):
         request = dict(request)
-        request["crf"] = truthy(request.get("crf", self.default_crf))
-        request["uncertainty"] = truthy(request.get("uncertainty", False))
+        request["crf"] = truthy(request.get("crf", self.default_crf), "crf")
+        request["uncertainty"] = truthy(request.get("uncertainty", False), "uncertainty")
         if request["uncertainty"]:
             request["mc_samples"] = self._mc_samples(request)
         request.setdefault("result_extension", ".nii.gz")
@@ -167,7 +184,28 @@ class BraTSBundleInfer(BasicInferTask):
                 MONAILabelError.INFERENCE_ERROR,
                 f"No model weights at {self.model_path}: train the bundle (POST /train/<model>) or pass --conf model_path PATH",
             )
+        problem = self.weights_problem()
+        if problem:  # the server's model is unusable until its weights or configs are changed: 503 with the reason
+            raise HTTPException(status_code=503, detail=problem)
         return super()._get_network(device, data)
+
+    def weights_problem(self) -> str | None:
+        """Why the weights at ``model_path`` cannot load into the configured network (None: they fit, or
+        there are none); checked with ``custom.checkpoints.check_weights`` once per file version (mtime)."""
+        try:
+            mtime = os.stat(self.model_path).st_mtime
+        except FileNotFoundError:
+            return None
+        if self._weights_checked is None or self._weights_checked[0] != mtime:
+            try:
+                check_weights(self.model_path, self.network, self.network_settings, strict=self.load_strict, logger=logger)
+                problem = None
+            except WeightsMismatchError as e:
+                problem = str(e)
+            except Exception as e:  # unreadable file: the same refusal, with torch's reason
+                problem = f"{self.model_path}: not readable as weights ({type(e).__name__}: {e})"
+            self._weights_checked = (mtime, problem)
+        return self._weights_checked[1]
 
     def _transforms(self, key: str) -> list:
         c = self.parser.get_parsed_content(key, instantiate=True)

@@ -8,7 +8,9 @@ executed by ``monai.bundle``; this module only computes overrides for it:
 - ``epochs`` (the trainer's ``max_epochs`` and the lr schedule) from the request, ``val_interval``
   capped at it so at least one validation runs: the bundle's ``validate#best_model_saver`` then
   replaces the served weights (``model_path``, written atomically) on the best validation Dice;
-- ``pretrained``: a ``CheckpointLoader`` of the current ``model_path`` prepended to ``train#handlers``;
+- ``pretrained``: a ``custom.checkpoints.CheckedCheckpointLoader`` of the current ``model_path``
+  prepended to ``train#handlers``; weights that do not fit the configured network are refused before
+  the run starts (``WeightsMismatchError`` naming both);
 - MLflow as ``python -m monai.bundle run --tracking mlflow`` does it (``tracking`` argument and the
   top-level ids ``tracking_uri``, ``experiment_name``, ``run_name``).
 
@@ -40,6 +42,7 @@ import monai.bundle
 import torch
 from monai.bundle import ConfigParser
 
+from custom.checkpoints import WeightsMismatchError, check_weights
 from lib.bundle_config import DEFAULT_OVERRIDES, load_bundle_config
 from monailabel.config import settings
 from monailabel.interfaces.datastore import Datastore
@@ -148,8 +151,14 @@ class BraTSBundleTrain(BundleTrainTask):
         overrides["warmup_epochs"] = 0 if fine_tune else min(int(parser.get_parsed_content("warmup_epochs")), epochs - 1)
         if fine_tune:
             logger.info(f"Fine-tuning from {self.model_path}")
-            loader = {"_target_": "CheckpointLoader", "load_path": self.model_path, "load_dict": {"model": "@network"},
-                      "map_location": "@device", "strict": self.load_strict}
+            try:  # before any data is cached; the loader checks again when the run starts
+                check_weights(self.model_path, parser.get_parsed_content("network_def"), parser.get_parsed_content("network_settings"),
+                              strict=self.load_strict, logger=logger)
+            except WeightsMismatchError as e:
+                raise WeightsMismatchError(f"{e}; or train from scratch with pretrained false") from None
+            loader = {"_target_": "custom.checkpoints.CheckedCheckpointLoader", "load_path": self.model_path,
+                      "load_dict": {"model": "@network"}, "network_settings": "@network_settings", "map_location": "@device",
+                      "strict": self.load_strict}
             overrides["train#handlers"] = [loader, *copy.deepcopy(parser.get("train#handlers") or [])]
 
         tracking = request.get("tracking", "mlflow" if self.enable_tracking and settings.MONAI_LABEL_TRACKING_ENABLED else None)
