@@ -38,11 +38,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.brats import CONVENTIONS, REGIONS
+from custom.metrics import region_metrics
+
 REPO = Path(__file__).resolve().parents[1]
-REGIONS = ("TC", "WT", "ET")
-BRATS2015_REGIONS = {"TC": (1, 3, 4), "WT": (1, 2, 3, 4), "ET": (4,)}
-BRATS2021_REGIONS = {"TC": (1, 4), "WT": (1, 2, 4), "ET": (4,)}
-EMPTY_HD95_MM = 373.13  # the BraTS challenge's value when exactly one of the masks is empty
+BRATS2015_REGIONS = {"TC": (1, 3, 4), "WT": (1, 2, 3, 4), "ET": (4,)}  # 2015 labels: 1 necrosis, 2 oedema, 3 non-enhancing, 4 ET
+PRED_REGIONS = CONVENTIONS["brats2021"].region_labels  # what the bundle writes for a BraTS 2021-named dataset
 FILES_2015 = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1ce": "T1c_subtrMeanDivStd.nii.gz"}
 SUFFIX_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 
@@ -76,22 +77,6 @@ def region_masks(label: np.ndarray, regions: dict[str, tuple[int, ...]]) -> dict
     return {r: np.isin(label, v) for r, v in regions.items()}
 
 
-def dice_hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[float, float]:
-    """Dice and 95th-percentile Hausdorff distance (mm) of two boolean masks, BraTS empty-mask rule."""
-    from monai.metrics import compute_hausdorff_distance
-
-    if not pred.any() and not ref.any():
-        return 1.0, 0.0
-    if not pred.any() or not ref.any():
-        return 0.0, EMPTY_HD95_MM
-    dice = 2.0 * float((pred & ref).sum()) / float(pred.sum() + ref.sum())
-    import torch
-
-    hd = compute_hausdorff_distance(torch.as_tensor(pred[None, None]), torch.as_tensor(ref[None, None]),
-                                    percentile=95, spacing=[float(s) for s in spacing])
-    return dice, float(hd.item())
-
-
 def overlay_png(path: Path, flair: np.ndarray, t1ce: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, title: str) -> None:
     """FLAIR, T1ce, expert label (if any) and prediction on the axial slice with the most tumour."""
     import matplotlib
@@ -115,7 +100,7 @@ def overlay_png(path: Path, flair: np.ndarray, t1ce: np.ndarray, ref: np.ndarray
     panels = [("FLAIR", flair, None), ("T1ce", t1ce, None)]
     if ref is not None:
         panels.append(("expert", flair, regions_to_index(ref, BRATS2015_REGIONS)))
-    panels.append(("prediction", flair, regions_to_index(pred, BRATS2021_REGIONS)))
+    panels.append(("prediction", flair, regions_to_index(pred, PRED_REGIONS)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for ax, (name, img, lab) in zip(axes, panels):
         sl = np.rot90(img[:, :, z])
@@ -175,10 +160,11 @@ def main(argv=None) -> int:
                     if pred.shape != ref.shape:
                         raise SystemExit(f"{d.name}: prediction shape {pred.shape} != label shape {ref.shape}")
                     spacing = ref_img.header.get_zooms()[:3]
-                    rp, rr = region_masks(pred, BRATS2021_REGIONS), region_masks(ref, BRATS2015_REGIONS)
+                    rp, rr = region_masks(pred, PRED_REGIONS), region_masks(ref, BRATS2015_REGIONS)
+                    scores = region_metrics(np.stack([rp[r] for r in REGIONS]), np.stack([rr[r] for r in REGIONS]), spacing)
                     m = {}
                     for r in REGIONS:
-                        m[f"dice_{r}"], m[f"hd95_{r}"] = dice_hd95(rp[r], rr[r], spacing)
+                        m[f"dice_{r}"], m[f"hd95_{r}"] = scores[r]["dice"], scores[r]["hd95"]
                         vox_ml = float(np.prod(spacing)) / 1000.0
                         m[f"ml_{r}_pred"], m[f"ml_{r}_ref"] = float(rp[r].sum() * vox_ml), float(rr[r].sum() * vox_ml)
                     cases[d.name] = m
@@ -195,7 +181,7 @@ def main(argv=None) -> int:
                         img = nib.load(tmp / f"pred2023_{tag}_{ds.name}" / f"{d.name}.nii.gz")
                         pred = np.asarray(img.dataobj).astype(np.int16)
                         vox_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
-                        vols.setdefault(d.name, {})[name] = {r: float(m.sum() * vox_ml) for r, m in region_masks(pred, BRATS2021_REGIONS).items()}
+                        vols.setdefault(d.name, {})[name] = {r: float(m.sum() * vox_ml) for r, m in region_masks(pred, PRED_REGIONS).items()}
                         vols[d.name][name]["seconds_run"] = seconds
                         if crf == crf_modes[0]:
                             fl = np.asarray(nib.load(d / f"{d.name}-t2f.nii.gz").dataobj)
