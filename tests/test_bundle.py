@@ -3,6 +3,7 @@ on small synthetic BraTS data (tiny network and volumes so that the CPU copes)."
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -26,9 +27,12 @@ from custom.transforms import LabelToRegions
 CONFIGS = REPO / "bundle" / "configs"
 TRAIN = str(CONFIGS / "train.json")
 QUICK = str(CONFIGS / "quick.json")
-# tiny settings on top of quick.json: 5 mm voxels, 64x32x32 windows, a one-block-per-stage network
+# tiny settings on top of quick.json: 5 mm voxels, 64x32x32 windows, a one-block-per-stage network, one pass over the
+# training cases an epoch (quick.json's fixed 32 iterations would make every run here 10 times longer; 0 as null, which
+# the command line cannot pass: monai.bundle drops None arguments)
 TINY = ["--spacing", "[5.0,5.0,5.0]", "--roi_size", "[64,32,32]", "--feature_size", "12", "--depths", "[1,1,1,1]",
-        "--num_workers", "0", "--num_samples", "1", "--warmup_epochs", "1", "--val_interval", "1", "--num_folds", "3"]
+        "--num_workers", "0", "--num_samples", "1", "--warmup_epochs", "1", "--val_interval", "1", "--num_folds", "3",
+        "--iterations_per_epoch", "0"]
 
 NET = TINY[4:8]
 
@@ -71,7 +75,12 @@ def test_training_writes_best_model_resume_checkpoint_and_mlflow_run(trained):
     assert (trained / "models" / "model.pt").is_file()
     assert sorted(p.name for p in (trained / "models").glob("resume_*.pt")) == ["resume_checkpoint_epoch=2.pt"]
     state = torch.load(trained / "models" / "model.pt", weights_only=True)
-    assert any(k.startswith("decoder1.attention_gate") for k in state)  # the attention/SE network, plain state dict
+    assert any(k.startswith("decoder1.attention_gate") for k in state["model"])  # the attention/SE network
+    settings = {"_target_": "custom.networks.SwinUNETRAttSE", "feature_size": 12, "depths": [1, 1, 1, 1], "spacing": [5.0, 5.0, 5.0],
+                "roi_size": [64, 32, 32]}
+    assert settings.items() <= state["network"].items()  # the settings it was trained with, beside the weights
+    resume = torch.load(trained / "models" / "resume_checkpoint_epoch=2.pt", weights_only=False)
+    assert resume["network"] == state["network"]
     # MLflow: the default store is SQLite under <bundle_root>/eval, holding one run with params and metrics
     db = trained / "eval" / "mlruns.db"
     assert db.is_file()
@@ -90,6 +99,47 @@ def test_training_writes_best_model_resume_checkpoint_and_mlflow_run(trained):
     artifacts = {p.name for p in (trained / "eval" / "mlruns").rglob("*") if p.is_file()}
     assert "validation_overlay.png" in artifacts
     assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts)
+
+
+def _train_workflow(dataset_dir: Path, bundle_root: Path, **overrides):
+    """train.json + quick.json + TINY as an initialised ``monai.bundle.ConfigWorkflow`` in this process,
+    so that its engines and scheduler can be inspected."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=[TRAIN, QUICK], meta_file=str(CONFIGS / "metadata.json"), workflow_type="train")
+    tiny = {k.lstrip("-"): ast.literal_eval(v) for k, v in zip(TINY[::2], TINY[1::2])}
+    for k, v in {**tiny, "dataset_dir": str(dataset_dir), "bundle_root": str(bundle_root), **overrides}.items():
+        wf.parser[k] = v
+    wf.initialize()
+    return wf
+
+
+def test_iterations_per_epoch_sets_the_epoch_length_and_the_lr_schedule(data, tmp_path):
+    from ignite.engine import Events
+
+    # 2 training cases, no validation (interval beyond the run)
+    two_cases = {"train_datalist": "$datalist.select_fold(@datalist, @fold, validation=False)[:2]", "val_interval": 100, "epochs": 2}
+    wf = _train_workflow(data["2021"], tmp_path / "fixed", iterations_per_epoch=6, **two_cases)
+    trainer, scheduler = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("lr_scheduler")
+    assert len(wf.parser.get_parsed_content("train#dataloader")) == 2
+    assert (scheduler.warmup_steps, scheduler.t_total) == (6, 12)  # warmup_epochs 1 and epochs 2, in iterations
+    assert wf.parser.get_parsed_content("tracking_params")["iterations_per_epoch"] == 6  # an MLflow parameter
+    cases, restarts = [], []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: cases.append(e.state.batch[0]["case_id"]))  # decollated
+    trainer.add_event_handler(Events.DATALOADER_STOP_ITERATION, lambda e: restarts.append(e.state.iteration))
+    wf.run()
+    assert (trainer.state.epoch, trainer.state.iteration, trainer.state.epoch_length) == (2, 12, 6)
+    assert scheduler.last_epoch == 12  # stepped once an iteration, to the end of the cosine
+    # ignite starts a new pass (a new shuffled iterator) whenever the data runs out, also across epochs: 6 passes
+    assert restarts == [2, 4, 6, 8, 10] and all(len(set(cases[i:i + 2])) == 2 for i in range(0, 12, 2)), (restarts, cases)
+    saved = torch.load(tmp_path / "fixed" / "models" / "resume_checkpoint_epoch=2.pt", weights_only=False)["trainer"]
+    assert (saved["epoch_length"], saved["iteration"]) == (6, 12)
+
+    # null: one pass over the training cases an epoch
+    wf = _train_workflow(data["2021"], tmp_path / "one_pass", iterations_per_epoch=None, **{**two_cases, "epochs": 1})
+    trainer, scheduler = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("lr_scheduler")
+    wf.run()
+    assert (trainer.state.iteration, trainer.state.epoch_length, scheduler.t_total) == (2, 2, 2)
 
 
 def test_resume_after_sigkill_continues_from_last_checkpoint(data, tmp_path):
@@ -220,7 +270,8 @@ def test_unet_baseline_trains_with_the_same_pipeline(data, tmp_path):
     bundle("run", "training", "--config_file", configs("train.json", "unet.json", "quick.json"), "--dataset_dir", str(data["2021"]),
            "--bundle_root", str(tmp_path), "--epochs", "1", *TINY)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert any(k.startswith("model.") for k in state) and not any("swinViT" in k for k in state)
+    assert any(k.startswith("model.") for k in state["model"]) and not any("swinViT" in k for k in state["model"])
+    assert state["network"]["_target_"] == "monai.networks.nets.unet.UNet"
 
 
 def test_metadata_network_and_export_commands(trained, tmp_path):
@@ -228,8 +279,9 @@ def test_metadata_network_and_export_commands(trained, tmp_path):
     bundle("verify_metadata", "--meta_file", meta, "--filepath", str(REPO / "bundle" / "docs" / "meta_schema.json"))
     bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", configs("inference.json", "quick.json"), "--n", "2", *NET)
     ts = tmp_path / "model.ts"
-    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained / "models" / "model.pt"), "--meta_file", meta,
-           "--config_file", configs("inference.json", "quick.json"), "--use_trace", "True", "--input_shape", "[1,4,64,64,64]", *NET)
+    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained / "models" / "model.pt"), "--key_in_ckpt", "model",
+           "--meta_file", meta, "--config_file", configs("inference.json", "quick.json"), "--use_trace", "True",
+           "--input_shape", "[1,4,64,64,64]", *NET)
     scripted = torch.jit.load(ts)
     with torch.no_grad():
         assert scripted(torch.zeros(1, 4, 64, 64, 64)).shape == (1, 3, 64, 64, 64)
@@ -238,7 +290,7 @@ def test_metadata_network_and_export_commands(trained, tmp_path):
 def test_inference_config_repeats_the_training_pipeline_exactly():
     """inference.json must stand alone (MONAI Label reads it by itself); this keeps it in step with train.json."""
     train, infer = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
-    for key in ("network_def", "deterministic_transforms", "feature_size", "depths", "num_heads", "spatial_attention",
+    for key in ("network_def", "network_settings", "deterministic_transforms", "feature_size", "depths", "num_heads", "spatial_attention",
                 "squeeze_excitation", "dropout_prob", "roi_size", "spacing", "sw_batch_size", "sw_overlap", "layout", "label_convention",
                 "use_crf"):
         assert infer[key] == train[key], key

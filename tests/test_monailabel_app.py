@@ -242,6 +242,39 @@ def test_bad_labels_and_ids_are_refused_with_4xx(msd_server):
     assert requests.get(f"{url}/info/", timeout=10).status_code == 200  # the server is still up
 
 
+def _save_wide_weights(bundle_root: Path, path: Path) -> None:
+    """Weights of the served configs at feature_size 24 (the server's: 12), with their settings, written atomically at ``path``."""
+    import torch
+    from lib.bundle_config import load_bundle_config
+
+    from custom.checkpoints import NetworkRecord
+
+    parser = load_bundle_config(str(bundle_root), CONFIGS.split(","), {**OVERRIDES, "feature_size": 24})
+    network = parser.get_parsed_content("network_def")
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": network.state_dict(), "network": NetworkRecord(network, parser.get_parsed_content("network_settings")).state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+WIDE = "weights of SwinUNETRAttSE feature_size 24 do not fit the configured network SwinUNETRAttSE feature_size 12"
+
+
+def test_weights_that_do_not_fit_are_a_503_naming_both(msd_server, tmp_path):
+    """Served weights replaced by weights of another width: /info says so and /infer answers 503 with the reason;
+    the original weights serve again once put back."""
+    url, model = msd_server["url"], msd_server["bundle"] / "models" / "model.pt"
+    shutil.copy2(model, tmp_path / "model.pt")
+    _save_wide_weights(msd_server["bundle"], model)
+    try:
+        r = requests.post(f"{url}/infer/{MODEL}", params={"image": "BRATS_001"}, timeout=60)
+        assert r.status_code == 503 and r.json()["detail"].startswith(f"{model}: {WIDE}"), r.text
+        assert requests.get(f"{url}/info/", timeout=10).json()["models"][MODEL]["bundle"]["weights"] == "do not fit"
+    finally:
+        shutil.copy2(tmp_path / "model.pt", tmp_path / "restore.pt")
+        os.replace(tmp_path / "restore.pt", model)
+    assert requests.get(f"{url}/info/", timeout=10).json()["models"][MODEL]["bundle"]["weights"] == "present"
+
+
 def test_eight_concurrent_inference_requests_all_succeed(msd_server):
     def one(i):
         return _infer(msd_server, f"BRATS_00{1 + i % 3}", {"crf": i % 2 == 0})
@@ -411,6 +444,24 @@ def test_without_weights_listed_but_refuses(tmp_path):
     assert info["bundle"]["weights"] == "missing" and info["description"].startswith("NO WEIGHTS")
     with pytest.raises(MONAILabelException, match="No model weights"):
         task._get_network("cpu", {})
+
+
+def test_weights_that_do_not_fit_are_flagged_at_start_and_refused(tmp_path):
+    from fastapi import HTTPException
+
+    root = _bundle_copy(tmp_path / "bundle", with_weights=False)
+    model = root / "models" / "model.pt"
+    _save_wide_weights(root, model)
+    task = BraTSBundleInfer(str(root), CONFIGS.split(","), OVERRIDES)
+    info = task.info()
+    assert info["bundle"]["weights"] == "do not fit" and info["description"].startswith(f"WEIGHTS DO NOT FIT: {model}: {WIDE}")
+    with pytest.raises(HTTPException) as e:
+        task._get_network("cpu", {})
+    assert e.value.status_code == 503 and e.value.detail.startswith(f"{model}: {WIDE} (set feature_size to the weights' values")
+    shutil.rmtree(root / "models")
+    _bundle_copy(tmp_path / "fitting", with_weights=True)
+    shutil.copytree(tmp_path / "fitting" / "models", root / "models")  # weights of the served width (a bare state dict)
+    assert task._get_network("cpu", {}) is not None and task.info()["bundle"]["weights"] == "present"
 
 
 def test_segment_map_refuses_background_index_and_shared_indices():

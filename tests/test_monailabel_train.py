@@ -8,6 +8,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from monailabel.datastore.local import LocalDatastore  # noqa: E402
 CONFIGS = ["train.json", "quick.json"]
 # tests/test_bundle.py's TINY settings, and the datastore's 4D MSD studies
 TINY = {"spacing": [5.0, 5.0, 5.0], "roi_size": [64, 32, 32], "feature_size": 12, "depths": [1, 1, 1, 1], "num_workers": 0,
-        "num_samples": 1, "warmup_epochs": 1, "val_interval": 1, "layout": "$brats.LAYOUTS['msd']"}
+        "num_samples": 1, "warmup_epochs": 1, "val_interval": 1, "iterations_per_epoch": None, "layout": "$brats.LAYOUTS['msd']"}
 
 
 def _studies(root: Path, src: Path, labelled: int) -> LocalDatastore:
@@ -62,7 +63,8 @@ def _digest(path: Path) -> str:
 
 
 def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The state dict of a model.pt written by training (``{"model": state dict, "network": settings}``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_options_and_info(bundle_root):
@@ -71,6 +73,8 @@ def test_options_and_info(bundle_root):
     assert info["version"] == json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())["version"]
     options = info["config"]
     assert options["max_epochs"] == 10 and options["val_split"] == 0.2 and options["pretrained"] is True
+    assert options["iterations_per_epoch"] is None  # TINY: one pass; quick.json as shipped: 32
+    assert BraTSBundleTrain(str(bundle_root), CONFIGS).config()["iterations_per_epoch"] == 32
     assert options["num_processes"] == 2 and options["multi_gpu"] is (torch.cuda.device_count() > 1)
     assert {"device", "gpus", "tracking", "tracking_uri", "tracking_experiment_name"} <= set(options)
     assert task.model_path == str(bundle_root / "models" / "model.pt")
@@ -83,17 +87,40 @@ def test_single_process_run_writes_weights_and_mlflow_run(datastore, bundle_root
     assert not model.exists()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     task = BraTSBundleTrain(str(bundle_root), CONFIGS, TINY)
-    result = task({"model": "brats", "max_epochs": 1, "tracking": "mlflow", "tracking_uri": uri, "tracking_run_name": "t1"}, datastore)
-    assert result == {"model_path": str(model), "train": 3, "validation": 1, "epochs": 1, "multi_gpu": False, "processes": 1}
-    assert any(k.startswith("decoder1.attention_gate") for k in _state(model))  # the bundle's network, bare state dict
+    result = task({"model": "brats", "max_epochs": 1, "iterations_per_epoch": 4, "tracking": "mlflow", "tracking_uri": uri,
+                   "tracking_run_name": "t1"}, datastore)
+    assert result == {"model_path": str(model), "train": 3, "validation": 1, "epochs": 1, "iterations_per_epoch": 4, "multi_gpu": False,
+                      "processes": 1}
+    assert any(k.startswith("decoder1.attention_gate") for k in _state(model))  # the bundle's network
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("brats")  # default: the request's model name
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.run_name == "t1" and runs[0].info.status == "FINISHED"
     assert {"train_loss", "train_loss_epoch", "val_mean_dice"} <= set(runs[0].data.metrics)
-    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3  # 3 training cases, 1 epoch
+    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 4  # 1 epoch of 4 iterations over 3 training cases
     assert runs[0].data.params["dataset_dir"] == os.path.realpath(datastore._datastore_path)
-    assert runs[0].data.params["epochs"] == "1"
+    assert runs[0].data.params["epochs"] == "1" and runs[0].data.params["iterations_per_epoch"] == "4"
+
+
+@pytest.mark.parametrize("value, expected", [(6, 6), ("6", 6), (None, None), ("", None), ("null", None), ("absent", 32),
+                                             (0, "must be an integer >= 1"), (-2, "must be an integer >= 1"),
+                                             ("abc", "must be an integer >= 1"), (2.5, "must be an integer >= 1"),
+                                             (True, "must be an integer >= 1")])
+def test_iterations_per_epoch_request_is_validated_and_passed_to_the_bundle(datastore, bundle_root, monkeypatch, value, expected):
+    runs = []
+    monkeypatch.setattr("monai.bundle.run", lambda **kwargs: runs.append(kwargs))  # the overrides the run would get
+    task = BraTSBundleTrain(str(bundle_root), CONFIGS, {k: v for k, v in TINY.items() if k != "iterations_per_epoch"})
+    request = {"model": "brats", "max_epochs": 2, "tracking": "None", "pretrained": False}
+    if value != "absent":
+        request["iterations_per_epoch"] = value
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=f"iterations_per_epoch {expected}.*got {re.escape(repr(value))}"):
+            task(request, datastore)
+        assert not runs  # refused before any run
+        return
+    result = task(request, datastore)
+    assert result["iterations_per_epoch"] == expected  # absent: quick.json's 32
+    assert runs[0]["iterations_per_epoch"] == ("$None" if expected is None else expected)  # monai.bundle.run drops a None
 
 
 def test_pretrained_starts_from_the_served_weights(datastore, bundle_root, capsys):
@@ -103,6 +130,8 @@ def test_pretrained_starts_from_the_served_weights(datastore, bundle_root, capsy
     request = {"model": "brats", "max_epochs": 1, "tracking": "None"}
     frozen({**request, "pretrained": True}, datastore)
     assert f"Restored all variables from {model}" in capsys.readouterr().out
+    trainer = torch.load(bundle_root / "models" / "resume_checkpoint_epoch=1.pt", weights_only=False)["trainer"]
+    assert (trainer["epoch_length"], trainer["iteration"]) == (3, 3)  # TINY's iterations_per_epoch None: one pass over 3 cases
     after = _state(model)
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # control: without pretrained the run starts from a fresh network, so the result differs

@@ -44,11 +44,14 @@ def test_file_matches_its_record():
 
 def test_architecture_matches_inference_json_defaults():
     record, parser = _record(), _parser()
-    state = torch.load(MODELS / "model.pt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(MODELS / "model.pt", map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint)  # {"model", "network"} as tools/export_weights.py writes it, or a bare state dict
+    assert checkpoint.get("network", record["network"]) == record["network"]
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(state, strict=True)  # every tensor present, every shape equal
     assert record["network"]["_target_"] == parser["network_def"]["_target_"]
+    assert set(record["network"]) == {"_target_", *parser["network_settings"]}  # every setting the loader compares is recorded
     for key, value in record["network"].items():
         if key != "_target_":
             assert parser[key] == value, f"inference.json {key} = {parser[key]!r}, the shipped weights were trained with {value!r}"

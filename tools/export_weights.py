@@ -3,9 +3,11 @@
     python tools/export_weights.py --checkpoint runs/pretrain/models/model.pt \
         --out bundle/models/model.pt --command "make pretrain"
 
-Writes ``--out`` (the network's state dict, floating-point tensors as float16) and, beside it,
-``model.json``: file name, size in bytes, sha256, dtype, the command that made it, the network
-settings of ``inference.json`` it loads into (checked here with ``strict=True``) and the git commit.
+Writes ``--out``: ``{"model": the network's state dict, floating-point tensors as float16,
+"network": the network settings}``, and, beside it, ``model.json``: file name, size in bytes, sha256,
+dtype, the command that made it, the same network settings and the git commit. The settings are those
+recorded in the checkpoint by training (else ``network_settings`` of ``--config``); the weights must
+fit the network of ``--config`` (``custom.checkpoints.check_weights``, strict).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+from custom.checkpoints import SETTINGS_KEY, NetworkRecord, check_weights
+
 REPO = Path(__file__).resolve().parents[1]
-NETWORK_KEYS = ("feature_size", "depths", "num_heads", "spatial_attention", "squeeze_excitation", "dropout_prob", "spacing", "roi_size")
 
 
 def sha256(path: Path) -> str:
@@ -34,23 +37,27 @@ def sha256(path: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, type=Path, help="a state dict (or {'model': state dict}) saved by the bundle")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a state dict, or {'model': state dict, 'network': settings, ...}, saved by the bundle")
     p.add_argument("--out", type=Path, default=REPO / "bundle" / "models" / "model.pt")
     p.add_argument("--config", type=Path, default=REPO / "bundle" / "configs" / "inference.json")
     p.add_argument("--command", default="make pretrain", help="the command that trained the checkpoint (recorded)")
     p.add_argument("--note", default="", help="free text recorded with the weights (training data, budget)")
     args = p.parse_args(argv)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    nested = isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
+    state = checkpoint["model"] if nested else checkpoint
     parser = ConfigParser()
     parser.read_config(str(args.config))
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(half, strict=True)  # refuses weights of another architecture or width
+    configured = parser.get_parsed_content("network_settings")
+    check_weights(args.checkpoint, network, configured, checkpoint)  # refuses weights of another architecture or width, naming both
+    recorded = checkpoint.get(SETTINGS_KEY) if nested else None
+    settings = recorded if isinstance(recorded, dict) else NetworkRecord(network, configured).state_dict()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    network.load_state_dict(half, strict=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
-    torch.save(half, tmp)
+    torch.save({"model": half, SETTINGS_KEY: settings}, tmp)
     os.replace(tmp, args.out)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
         "sha256": sha256(args.out),
         "dtype": "float16",
         "parameters": int(sum(v.numel() for v in half.values() if v.is_floating_point())),
-        "network": {"_target_": parser["network_def"]["_target_"], **{k: parser[k] for k in NETWORK_KEYS}},
+        "network": settings,
         "command": args.command,
         "note": args.note,
         "source_checkpoint": os.path.relpath(args.checkpoint, REPO),

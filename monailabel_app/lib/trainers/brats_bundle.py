@@ -8,6 +8,8 @@ executed by ``monai.bundle``; this module only computes overrides for it:
 - ``epochs`` (the trainer's ``max_epochs`` and the lr schedule) from the request, ``val_interval``
   capped at it so at least one validation runs: the bundle's ``validate#best_model_saver`` then
   replaces the served weights (``model_path``, written atomically) on the best validation Dice;
+- ``iterations_per_epoch`` (the trainer's ``epoch_length`` and the lr schedule; null: one pass over
+  the training cases) from the request, so that a few labelled studies train as long as many;
 - ``pretrained``: a ``custom.checkpoints.CheckedCheckpointLoader`` of the current ``model_path``
   prepended to ``train#handlers``; weights that do not fit the configured network are refused before
   the run starts (``WeightsMismatchError`` naming both);
@@ -56,6 +58,23 @@ _EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*)?(?:Erro
 def _flag(value: Any) -> bool:
     """A request boolean (JSON true/false, or a string from a form)."""
     return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def iterations_per_epoch(value: Any) -> int | None:
+    """A request's ``iterations_per_epoch``: an integer >= 1 (a JSON number or digits), or None for one
+    pass over the training cases an epoch (null, empty, "none" or "null"); ValueError otherwise."""
+    text = value.strip() if isinstance(value, str) else None
+    if value is None or (text is not None and text.lower() in ("", "none", "null")):
+        return None
+    number = value
+    if text is not None and text.isascii() and text.isdigit():
+        number = int(text)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"iterations_per_epoch must be an integer >= 1, or empty/null for one pass over the training cases, "
+                         f"got {value!r}")
+    return number
 
 
 def _first(image: str | Sequence[str]) -> str:
@@ -112,6 +131,8 @@ class BraTSBundleTrain(BundleTrainTask):
         for key in ("model_filename", "run_id"):  # the run is always "run"; the weights are model_path
             options.pop(key, None)
         options["max_epochs"] = int(self.bundle_config.get_parsed_content("epochs"))
+        # None: one pass over the training cases an epoch
+        options["iterations_per_epoch"] = iterations_per_epoch(self.bundle_config.get_parsed_content("iterations_per_epoch"))
         options["multi_gpu"] = torch.cuda.device_count() > 1
         options["num_processes"] = 2  # processes (gloo) for multi_gpu on a machine without CUDA
         return options
@@ -126,6 +147,9 @@ class BraTSBundleTrain(BundleTrainTask):
         epochs = int(parser.get_parsed_content("epochs") if epochs in (None, "") else epochs)
         if epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {epochs}")
+        # absent: the bundle's value (quick.json: a fixed number, so a few studies train as long as many)
+        iterations = iterations_per_epoch(request["iterations_per_epoch"] if "iterations_per_epoch" in request
+                                          else parser.get_parsed_content("iterations_per_epoch"))
         val_interval = int(parser.get_parsed_content("val_interval"))
         device = name_to_device(request.get("device"))
 
@@ -142,6 +166,7 @@ class BraTSBundleTrain(BundleTrainTask):
             "validate#dataset#data": val_ds,
             "epochs": epochs,
             "train#trainer#max_epochs": epochs,
+            "iterations_per_epoch": iterations,
             "val_interval": max(1, min(val_interval, epochs)),
             "device": f"$torch.device({str(device)!r})",  # an expression: the config is exported as JSON
         }
@@ -181,15 +206,18 @@ class BraTSBundleTrain(BundleTrainTask):
         if n_proc > len(train_ds):  # every process needs a training case of its own
             logger.warning(f"{len(train_ds)} training case(s): {len(train_ds)} process(es) instead of {n_proc}")
             n_proc = len(train_ds)
-        logger.info(f"Training {len(train_ds)} cases, validating {len(val_ds)}, {epochs} epoch(s), "
+        logger.info(f"Training {len(train_ds)} cases, validating {len(val_ds)}, {epochs} epoch(s) of "
+                    f"{f'{iterations} iterations' if iterations else 'one pass'}, "
                     f"{n_proc} process(es), device {device}, tracking {tracking}")
         if n_proc > 1:
             self._run_torchrun(n_proc, paths, overrides, meta_file, logging_file, tracking, request)
         else:
+            # monai.bundle.run drops None arguments: a null override (iterations_per_epoch) goes as the expression "$None"
             monai.bundle.run(run_id="run", config_file=paths, meta_file=meta_file, logging_file=logging_file,
-                             tracking=tracking, **overrides)
+                             tracking=tracking, **{k: "$None" if v is None else v for k, v in overrides.items()})
         logger.info("Training finished")
         return {"model_path": self.model_path, "train": len(train_ds), "validation": len(val_ds), "epochs": epochs,
+                "iterations_per_epoch": iterations,
                 "multi_gpu": n_proc > 1, "processes": n_proc}
 
     @staticmethod
