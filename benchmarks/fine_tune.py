@@ -5,9 +5,8 @@
 
 Data (``custom.synthetic``, the current generator, BraTS 2021 layout, ``--size medium``: 2 mm, the
 shipped model's grid): ``--train_cases`` (5) cases of seed 15 to fine-tune on and
-``--heldout_cases`` (8) of seed 16 to score on, seeds used nowhere else. The shipped model was
-trained on seed 1 of the generator before its change of 2026-11-29 (larger tumours, FLAIR-bright
-oedema far from the core), so these cases differ from its training data.
+``--heldout_cases`` (8) of seed 16 to score on, seeds used nowhere else (the shipped model was
+trained on 400 cases of seed 1 of the same generator).
 
 Every step is a ``monai.bundle.ConfigWorkflow`` on the bundle's own configs in a fresh process
 (``benchmarks/step_runner.py``); only config overrides are set here, nothing of the pipeline is

@@ -234,7 +234,7 @@ def test_absurd_size_is_refused_before_allocating_memory(tmp_path, monkeypatch):
         list_cases(tmp_path / "ok")
 
 
-BOMB_MIB = 256  # what each bomb below expands to beyond its voxels (its file is about 0.3 MB)
+BOMB_MIB = 64  # what each bomb below expands to beyond its voxels (its file is about 0.1 MB)
 
 
 def _bomb(path: Path, kind: str, data=None) -> Path:
@@ -282,7 +282,7 @@ def test_decompression_bombs_are_refused_before_expanding(tmp_path, image_store,
         check_label_file(str(label), IMAGE_SHAPE, IMAGE_AFFINE, CONVENTIONS["brats2021"], WHERE)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 32 * 2**20, peak  # the bombs expand to 256 MiB
+    assert peak < 32 * 2**20, peak  # the bombs expand to 64 MiB
     for err, who in ((image_err, "image 'bomb'"), (label_err, WHERE)):
         assert err.value.status_code == 422 and err.value.detail.startswith(f"{who}: ") and message in err.value.detail, err.value.detail
     assert "bomb" not in image_store._datastore.objects

@@ -113,12 +113,17 @@ def test_model_json_beside_bare_weights_names_their_settings_if_it_records_that_
 
 
 def test_fitting_weights_load_in_both_formats(tmp_path, caplog):
-    """The shipped bare fp16 file loads as before; a recorded checkpoint whose tensors fit but whose data settings differ
-    loads with a warning naming both."""
+    """The shipped fp16 file ({"model", "network"}) and the same weights as a bare state dict load alike; a recorded
+    checkpoint whose tensors fit but whose data settings differ loads with a warning naming both."""
     network = _load(SHIPPED)
     shipped = torch.load(SHIPPED, map_location="cpu", weights_only=True)
-    name, tensor = next((k, v) for k, v in shipped.items() if v.is_floating_point())
+    weights = shipped.get("model", shipped)  # recorded, or bare (the first shipped format)
+    name, tensor = next((k, v) for k, v in weights.items() if v.is_floating_point())
     assert torch.equal(network.state_dict()[name], tensor.float())
+    bare = tmp_path / "bare" / "model.pt"
+    bare.parent.mkdir()
+    torch.save(weights, bare)
+    assert torch.equal(_load(bare).state_dict()[name], tensor.float())
     path = tmp_path / "model.pt"
     _save(path, "inference.json", spacing=[1.0, 1.0, 1.0])
     with caplog.at_level(logging.WARNING):

@@ -117,10 +117,11 @@ def _case(tmp: Path, name: str, volumes: dict) -> BraTSCase:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    """Two synthetic BraTS 2021 cases (small grid, int16) and a 2023 + an MSD copy of case 0."""
+    """Two synthetic BraTS 2021 cases (small grid, int16, every label: seed 7; float styles reach DICOM through a
+    rescale slope, not bit-exact) and an MSD copy of case 0."""
     root = tmp_path_factory.mktemp("dicom_synth")
-    write_dataset(root / "brats2021", 2, seed=3, layout="2021", size="small")
-    write_dataset(root / "msd", 1, seed=3, layout="msd", size="small")
+    write_dataset(root / "brats2021", 2, seed=7, layout="2021", size="small")
+    write_dataset(root / "msd", 1, seed=7, layout="msd", size="small")
     return root
 
 

@@ -64,6 +64,12 @@ def _label(studies: Path, image_id: str, seed: int, suffix=".nii.gz") -> bytes:
     return _nifti_bytes(nib.Nifti1Image(lab, img.affine), suffix)
 
 
+def _small_image() -> bytes:
+    """A valid 4D image (20x20x12 voxels of 1 mm, four channels of noise): uploads well under the 1 MiB limit."""
+    data = np.random.default_rng(0).random((20, 20, 12, 4)).astype(np.float32) + 0.5
+    return _nifti_bytes(nib.Nifti1Image(data, np.eye(4)))
+
+
 def _put_label(url, image_id, data: bytes, tag="final", name="label.nii.gz", headers=None, timeout=60):
     return requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": tag}, files={"label": (name, data)},
                         headers=headers, timeout=timeout)
@@ -157,9 +163,7 @@ def test_odd_ids_refused_on_every_endpoint(server):
 def test_infer_params_cannot_name_server_files(server, tmp_path):
     url, studies = server["url"], server["studies"]
     # a real NIfTI image outside the datastore, in the server's temp folder (where uploads land)
-    import tempfile
-
-    outside = Path(tempfile.gettempdir()) / f"outside_{os.getpid()}.nii.gz"
+    outside = server["server_tmp"] / f"outside_{os.getpid()}.nii.gz"
     shutil.copy(studies / "BRATS_001.nii.gz", outside)
     try:
         for params in ({"image": str(outside)}, {"label": str(outside)}, {"image": "BRATS_002"}):
@@ -171,10 +175,9 @@ def test_infer_params_cannot_name_server_files(server, tmp_path):
         assert r.status_code == 400
     finally:
         outside.unlink()
-    # the upload path still works: the image file sent with the request
-    with open(studies / "BRATS_002.nii.gz", "rb") as f:
-        r = requests.post(f"{url}/infer/{ms.MODEL}", params={"output": "json"}, data={"params": json.dumps({"crf": False})},
-                          files={"file": ("upload.nii.gz", f)}, timeout=300)
+    # the upload path still works: the image file sent with the request (under the 1 MiB upload limit)
+    r = requests.post(f"{url}/infer/{ms.MODEL}", params={"output": "json"}, data={"params": json.dumps({"crf": False})},
+                      files={"file": ("upload.nii.gz", _small_image())}, timeout=300)
     assert r.status_code == 200, r.text
 
 
@@ -228,9 +231,7 @@ def test_client_errors_are_4xx_with_the_reason_and_leave_no_temporary_file(serve
     for what, (r, status, words) in expected.items():
         assert r.status_code == status and words in r.json()["detail"], (what, r.status_code, r.text[:300])
     # an image deleted from disk while the server runs
-    small = np.random.default_rng(0).random((20, 20, 12, 4)).astype(np.float32) + 0.5
-    r = requests.put(f"{url}/datastore/image", params={"image": "GONE_001"},
-                     files={"file": ("GONE_001.nii.gz", _nifti_bytes(nib.Nifti1Image(small, np.eye(4))))}, timeout=60)
+    r = requests.put(f"{url}/datastore/image", params={"image": "GONE_001"}, files={"file": ("GONE_001.nii.gz", _small_image())}, timeout=60)
     assert r.status_code == 200, r.text
     (studies / "GONE_001.nii.gz").unlink()
     r = infer({"crf": False}, image="GONE_001")

@@ -393,15 +393,22 @@ def guard_train_endpoint() -> None:
         return
     original = endpoint.run_model
 
+    from monailabel.utils.async_tasks.utils import tasks
+
+    busy = ("a training task is already running: wait for it (GET /train/), stop it (DELETE /train/), "
+            "or queue this one with enqueue=true")
+
     @functools.wraps(original)
-    def run_model(*args, **kwargs):
+    def run_model(model, params=None, run_sync=False, enqueue=False):
+        # MONAI Label sees a task as running only once its process has started; a submitted one counts too
+        if not enqueue and any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train")):
+            raise HTTPException(status_code=409, detail=busy)
         try:
-            return original(*args, **kwargs)
+            return original(model, params, run_sync, enqueue)
         except HTTPException as e:
             if e.status_code != 429:
                 raise
-            raise HTTPException(status_code=409, detail=f"a training task is already running ({e.detail.strip('+ ')}): "
-                                "wait for it (GET /train/), stop it (DELETE /train/), or queue this one with enqueue=true") from e
+            raise HTTPException(status_code=409, detail=busy) from e
 
     run_model._monailabel_app_guarded = True
     endpoint.run_model = run_model
