@@ -52,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-from step_runner import CONFIGS, REPO, emit_tables, cuda_available, peak_memory, run_step, serve_step
+from step_runner import CONFIGS, REPO, cuda_available, emit_tables, peak_memory, run_step, run_training_timed, serve_step
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -84,20 +84,12 @@ def _workflow(config_files: list[str], workflow_type: str | None, overrides: dic
 
 def worker_train(spec: dict) -> dict:
     import torch
-    from ignite.engine import Events
 
     wf = _workflow(spec["configs"], "train", spec["overrides"])
     p = wf.parser
     trainer = p.get_parsed_content("train#trainer")
     net = p.get_parsed_content("network")
-    times: list[float] = []
-    t = {}
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: t.__setitem__("it", time.perf_counter()))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter() - t["it"]))
-    t0 = time.perf_counter()
-    wf.run()
-    wall = time.perf_counter() - t0
-    wf.finalize()
+    wall, times = run_training_timed(wf, trainer)
     validator = p.get_parsed_content("validate#evaluator")
     best = getattr(validator.state, "best_metric", None)
     return {

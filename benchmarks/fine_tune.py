@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from step_runner import CONFIGS, REPO, peak_memory, run_step, serve_step
+from step_runner import CONFIGS, REPO, peak_memory, run_step, run_training_timed, serve_step
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -81,18 +81,10 @@ def _workflow(configs: list[str], workflow_type: str | None, overrides: dict, we
 
 def worker_train(spec: dict) -> dict:
     import torch
-    from ignite.engine import Events
 
     wf = _workflow(TRAIN_CONFIGS, "train", spec["overrides"], spec["weights"])
     trainer = wf.parser.get_parsed_content("train#trainer")
-    times: list[float] = []
-    start: dict = {}
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: start.__setitem__("t", time.perf_counter()))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter() - start["t"]))
-    t0 = time.perf_counter()
-    wf.run()
-    wall = time.perf_counter() - t0
-    wf.finalize()
+    wall, times = run_training_timed(wf, trainer)
     validator = wf.parser.get_parsed_content("validate#evaluator")
     return {"iterations": int(trainer.state.iteration), "epochs": int(trainer.state.epoch), "epoch_length": int(trainer.state.epoch_length),
             "run_wall_s": wall, "s_per_iteration": statistics.median(times) if times else float("nan"),

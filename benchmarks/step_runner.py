@@ -63,6 +63,22 @@ def serve_step(argv: list[str], workers: dict[str, Callable[[dict], dict]]) -> b
     return True
 
 
+def run_training_timed(wf, trainer) -> tuple[float, list[float]]:
+    """``wf.run()`` then ``wf.finalize()`` of a train workflow; returns (wall seconds of the run, seconds
+    of every ``trainer`` iteration, ITERATION_STARTED -> ITERATION_COMPLETED)."""
+    from ignite.engine import Events
+
+    times: list[float] = []
+    start: dict = {}
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: start.__setitem__("t", time.perf_counter()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter() - start["t"]))
+    t0 = time.perf_counter()
+    wf.run()
+    wall = time.perf_counter() - t0
+    wf.finalize()
+    return wall, times
+
+
 def peak_memory() -> dict:
     """Peak resident memory of this process (GB) and, on CUDA, the peak allocated device memory (GB)."""
     import torch

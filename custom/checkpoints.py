@@ -125,7 +125,8 @@ def read_checkpoint(path: str | os.PathLike):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -152,7 +153,7 @@ def recorded_settings(path: str | os.PathLike, checkpoint) -> tuple[dict | None,
         return None, ""
     if "size_bytes" in record and record["size_bytes"] != path.stat().st_size:
         return None, ""
-    if "sha256" in record and record["sha256"] != _sha256(path):
+    if "sha256" in record and record["sha256"] != file_sha256(path):
         return None, ""
     return dict(record["network"]), str(record_path)
 

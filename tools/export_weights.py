@@ -13,7 +13,6 @@ fit the network of ``--config`` (``custom.checkpoints.check_weights``, strict).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -22,17 +21,9 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from custom.checkpoints import SETTINGS_KEY, NetworkRecord, check_weights
+from custom.checkpoints import SETTINGS_KEY, NetworkRecord, check_weights, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:
@@ -63,7 +54,7 @@ def main(argv=None) -> int:
     record = {
         "file": args.out.name,
         "size_bytes": args.out.stat().st_size,
-        "sha256": sha256(args.out),
+        "sha256": file_sha256(args.out),
         "dtype": "float16",
         "parameters": int(sum(v.numel() for v in half.values() if v.is_floating_point())),
         "network": settings,
