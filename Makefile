@@ -18,10 +18,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m custom.demo
+	$(PY) -m tools.demo
 
 # The shipped model: generated data only (bundle/configs/pretrain.json), seeded and resumable (run it
 # again after an interruption), then exported to bundle/models/model.pt (fp16) + model.json.
@@ -30,10 +31,10 @@ PRETRAIN_SEED  ?= 1
 PRETRAIN_DATA  ?= data/pretrain
 pretrain: $(STAMP)
 	test -f $(PRETRAIN_DATA)/.complete || ($(PY) -m custom.synthetic --out $(PRETRAIN_DATA) --cases $(PRETRAIN_CASES) \
-		--seed $(PRETRAIN_SEED) --layout 2021 --size medium --workers 2 -q && touch $(PRETRAIN_DATA)/.complete)
+		--seed $(PRETRAIN_SEED) --layout brats2021 --size medium --workers 2 -q && touch $(PRETRAIN_DATA)/.complete)
 	$(PY) -m monai.bundle run training --meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf \
 		--config_file "['bundle/configs/train.json','bundle/configs/pretrain.json']" --dataset_dir $(PRETRAIN_DATA) --resume true
-	$(PY) tools/export_weights.py --checkpoint runs/pretrain/models/model.pt --out bundle/models/model.pt --command "make pretrain" \
+	$(PY) -m tools.export_weights --checkpoint runs/pretrain/models/model.pt --out bundle/models/model.pt --command "make pretrain" \
 		--note "generated data only: custom.synthetic seed $(PRETRAIN_SEED), $(PRETRAIN_CASES) cases, 2 mm"
 
 clean-venv:
@@ -49,4 +50,4 @@ system-deps:
 # http://127.0.0.1:$(ORTHANC_PORT)/dicom-web; Ctrl-C stops it. ORTHANC_STORAGE=DIR keeps the database.
 ORTHANC_PORT ?= 8042
 orthanc: $(STAMP)
-	$(PY) -m custom.orthanc --port $(ORTHANC_PORT) $(if $(ORTHANC_STORAGE),--storage $(ORTHANC_STORAGE))
+	$(PY) -m devtools.orthanc --port $(ORTHANC_PORT) $(if $(ORTHANC_STORAGE),--storage $(ORTHANC_STORAGE))

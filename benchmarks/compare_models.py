@@ -4,8 +4,8 @@ One command trains every variant with the bundle's own training config, evaluate
 same held-out cases with and without the CRF (the bundle's ``evaluate.json``) and times the
 bundle's inference (``inference.json``), then prints one markdown table::
 
-    python benchmarks/compare_models.py --quick --out benchmarks/results/compare_quick.md
-    python benchmarks/compare_models.py --full --dataset_dir /data/BraTS2021 \
+    python -m benchmarks.compare_models --quick --out benchmarks/results/compare_quick.md
+    python -m benchmarks.compare_models --full --dataset_dir /data/BraTS2021 \
         [--heldout_dir /data/BraTS2021_test] --out compare_full.md
 
 Variants (all through ``bundle/configs`` with command-line-style overrides, never a copy of the
@@ -52,10 +52,8 @@ import sys
 import time
 from pathlib import Path
 
-from step_runner import CONFIGS, REPO, cuda_available, emit_tables, peak_memory, run_step, run_training_timed, serve_step
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.step_runner import CONFIGS, REPO, cuda_available, emit_tables, peak_memory, run_step, run_training_timed, serve_step
+from custom.data import REGIONS
 
 VARIANTS = {
     # name: (label, extra config files, overrides)
@@ -65,7 +63,6 @@ VARIANTS = {
     "att": ("Swin-UNETR + attention", [], {"spatial_attention": True, "squeeze_excitation": False}),
     "both": ("Swin-UNETR + attention + SE", [], {"spatial_attention": True, "squeeze_excitation": True}),
 }
-REGIONS = ("TC", "WT", "ET")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +219,7 @@ def main(argv=None) -> int:
         base = ["train.json"]
         epochs = args.epochs
     else:
-        from custom.demo import HELDOUT_CASES, TRAIN_CASES, make_data
+        from tools.demo import HELDOUT_CASES, TRAIN_CASES, make_data
 
         train_dir = args.dataset_dir or REPO / "data" / "synthetic"
         heldout_dir = args.heldout_dir or (None if args.dataset_dir else REPO / "data" / "synthetic_heldout")
@@ -302,7 +299,7 @@ def main(argv=None) -> int:
     header = [
         f"## Model comparison ({'full' if full else 'quick'} settings)",
         "",
-        f"Command: `python benchmarks/compare_models.py {' '.join(argv)}`  ",
+        f"Command: `python -m benchmarks.compare_models {' '.join(argv)}`  ",
         f"Configs: {', '.join(base)} (+ unet.json for U-Net), overrides {json.dumps(common)}; "
         f"training data {train_dir}.  ",
         f"Wall time {total / 60:.1f} min in all (" + ", ".join(f"{k} {v['wall_s'] / 60:.1f}" for k, v in results.items())

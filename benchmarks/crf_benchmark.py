@@ -1,4 +1,4 @@
-"""Benchmark the dense CRF post-processing step (``custom.crf.DenseCRFd``) inside the bundle's inference.
+"""Benchmark the dense CRF post-processing step (``custom.transforms.crf.DenseCRFd``) inside the bundle's inference.
 
 ``bench``: runs the bundle's own inference workflow (``bundle/configs/inference.json``, or
 ``<bundle_root>/configs/inference.json``, plus optional override configs such as
@@ -8,7 +8,7 @@ and of the whole inference of the case (loading, preprocessing, network, post-pr
 from the evaluator's GET_BATCH_STARTED to ITERATION_COMPLETED, ``num_workers=0``), and the Dice per
 region of the label maps the bundle saved, against the ground truth::
 
-    python benchmarks/crf_benchmark.py bench --data /tmp/crf_bench --cases 3 --seed 1 --size full \
+    python -m benchmarks.crf_benchmark bench --data /tmp/crf_bench --cases 3 --seed 1 --size full \
         [--bundle_root TRAINED_BUNDLE] [--config bundle/configs/quick.json] [--threads 1]
 
 With ``--bundle_root`` holding ``models/model.pt`` the trained network's probabilities are refined.
@@ -23,7 +23,7 @@ oracle's own time is subtracted. Such rows are labelled ``oracle``. The CRF is t
 split (synthetic seed 0), on the bundle preprocessing's grid; how the defaults of ``DenseCRFd``
 were chosen::
 
-    python benchmarks/crf_benchmark.py tune --data /tmp/crf_train --cases 4 --seed 0 --size full
+    python -m benchmarks.crf_benchmark tune --data /tmp/crf_train --cases 4 --seed 0 --size full
 """
 
 from __future__ import annotations
@@ -41,15 +41,12 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from custom.brats import REGIONS, list_cases, load_nifti, load_voxels  # noqa: E402
-from custom.crf import DenseCRFd, dense_crf_regions  # noqa: E402
+from custom.data import REGIONS, list_cases, load_nifti, load_voxels  # noqa: E402
 from custom.metrics import region_dice, spacing_of  # noqa: E402
 from custom.synthetic import write_dataset  # noqa: E402
 from custom.transforms import LabelToRegions  # noqa: E402
+from custom.transforms.crf import DenseCRFd, dense_crf_regions  # noqa: E402
+from devtools import REPO
 
 CONFIGS = REPO / "bundle" / "configs"
 
@@ -108,7 +105,7 @@ def case_seed(case_id: str) -> int:
 def ensure_dataset(data: Path, cases: int, seed: int, size: str) -> None:
     if not data.exists() or not any(data.iterdir()):
         print(f"# generating {cases} synthetic cases (seed {seed}, {size}) in {data}", flush=True)
-        write_dataset(data, cases, seed=seed, layout="2021", size=size)
+        write_dataset(data, cases, seed=seed, layout="brats2021", size=size)
 
 
 def read_configs(config_files: list[str]):
@@ -225,10 +222,6 @@ class OracleInferer:
         return result
 
 
-def find_crf(compose) -> DenseCRFd | None:
-    return next((t for t in getattr(compose, "transforms", []) if isinstance(t, DenseCRFd)), None)
-
-
 def run_bundle(config_files, data: Path, out_dir: Path, use_crf: bool, bundle_root: Path | None, run_network: bool, overrides: dict,
                first_only: bool = False) -> dict:
     """Run the bundle's inference workflow once over ``data`` (``first_only``: its first case, as a
@@ -240,23 +233,21 @@ def run_bundle(config_files, data: Path, out_dir: Path, use_crf: bool, bundle_ro
     wf = ConfigWorkflow(config_file=[str(c) for c in config_files], meta_file=str(CONFIGS / "metadata.json"),
                         logging_file=str(CONFIGS / "logging.conf"), workflow_type="infer")
     p = wf.parser
-    if find_crf_config(p) is None:
-        raise RuntimeError("the inference config has no custom.crf.DenseCRFd in its post-processing")
+    if "crf" not in p:
+        raise RuntimeError("the inference config has no `crf` step")
     settings = {"dataset_dir": str(data), "output_dir": str(out_dir), "use_crf": use_crf, "num_workers": 0, **overrides}
     if bundle_root is not None:
         settings["bundle_root"] = str(bundle_root)
     else:  # no checkpoint to load; the datalist carries the label for the oracle
-        for i, h in enumerate(p["handlers"]):
-            if isinstance(h, dict) and "CheckpointLoader" in str(h.get("_target_", "")):
-                settings[f"handlers#{i}#_disabled_"] = True
-        settings["datalist"] = "$[c.to_dict() for c in brats.list_cases(@dataset_dir)]"
-    if first_only:
-        settings["datalist"] = "$" + (settings.get("datalist") or p["datalist"]).lstrip("$") + "[:1]"
+        settings["checkpoint_loader#_disabled_"] = True
+    datalist = [c.to_dict() for c in list_cases(data)]
+    if oracle or first_only:  # labelled entries (the inference datalist leaves labels out), or the first case
+        settings["datalist"] = datalist[:1] if first_only else datalist
     for k, v in settings.items():
         p[k] = v
     wf.initialize()
     evaluator = p.get_parsed_content("evaluator")
-    crf = find_crf(p.get_parsed_content("postprocessing"))
+    crf = p.get_parsed_content("crf")
     if use_crf != (crf is not None):
         raise RuntimeError(f"use_crf={use_crf} but the parsed post-processing {'lacks' if crf is None else 'has'} DenseCRFd")
     if oracle:
@@ -270,7 +261,7 @@ def run_bundle(config_files, data: Path, out_dir: Path, use_crf: bool, bundle_ro
 
     def iteration_started(engine):
         fname = engine.state.batch["image"].meta["filename_or_obj"][0]
-        from custom.brats import case_id_from_path
+        from custom.data import case_id_from_path
 
         state["case"] = case_id_from_path(fname)
         if oracle:
@@ -297,13 +288,6 @@ def run_bundle(config_files, data: Path, out_dir: Path, use_crf: bool, bundle_ro
     return rows
 
 
-def find_crf_config(parser):
-    for i, t in enumerate(parser["postprocessing"]["transforms"]):
-        if isinstance(t, dict) and "DenseCRFd" in str(t.get("_target_", "")):
-            return i
-    return None
-
-
 def bench(args) -> None:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
@@ -311,7 +295,8 @@ def bench(args) -> None:
     bundle_root = Path(args.bundle_root) if args.bundle_root else None
     if bundle_root is not None and not (bundle_root / "models" / "model.pt").is_file():
         sys.exit(f"error: {bundle_root}/models/model.pt does not exist (train the bundle first, or omit --bundle_root for oracle-noised probabilities)")
-    base_cfg = bundle_root / "configs" / "inference.json" if bundle_root is not None and (bundle_root / "configs" / "inference.json").is_file() else CONFIGS / "inference.json"
+    base_cfg = (bundle_root / "configs" / "inference.json" if bundle_root is not None and (bundle_root / "configs" / "inference.json").is_file()
+                else CONFIGS / "inference.json")
     config_files = [base_cfg, *[Path(c) for c in args.config]]
     overrides = json.loads(args.overrides) if args.overrides else {}
     out_root = Path(args.out or tempfile.mkdtemp(prefix="crf_bench_"))
@@ -352,9 +337,9 @@ def bench(args) -> None:
               f"{frac:>5.1f}% {r1['crf_voxels']:>8d}  "
               + "  ".join(f"{dice[False][r]:>9.4f} {dice[True][r]:>8.4f} {dice[True][r] - dice[False][r]:>+7.4f}" for r in REGIONS))
     d = np.mean(deltas, axis=0)
-    print(f"# mean Dice change with CRF: " + ", ".join(f"{r} {x:+.4f}" for r, x in zip(REGIONS, d))
+    print("# mean Dice change with CRF: " + ", ".join(f"{r} {x:+.4f}" for r, x in zip(REGIONS, d))
           + f"; CRF share of end-to-end time: max {max(fracs):.1f}% (target <= 15%)")
-    print(f"# e2e = the whole bundle inference of one case (load, preprocess, network, post-process, save)"
+    print("# e2e = the whole bundle inference of one case (load, preprocess, network, post-process, save)"
           + ("; the oracle's own time is subtracted" if bundle_root is None else "") + f"; predictions in {out_root}")
 
 

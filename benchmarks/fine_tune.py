@@ -1,7 +1,7 @@
 """Fine-tuning the shipped model on 5 generated cases: held-out Dice before and after (issue 15).
 
-    python benchmarks/fine_tune.py --out benchmarks/results/fine_tune.md     # 10-15 min on 2 CPU cores
-    python benchmarks/fine_tune.py --smoke --out /tmp/fine_tune_smoke.md      # end to end, tiny (a few minutes)
+    python -m benchmarks.fine_tune --out benchmarks/results/fine_tune.md     # 10-15 min on 2 CPU cores
+    python -m benchmarks.fine_tune --smoke --out /tmp/fine_tune_smoke.md      # end to end, tiny (a few minutes)
 
 Data (``custom.synthetic``, the current generator, BraTS 2021 layout, ``--size medium``: 2 mm, the
 shipped model's grid): ``--train_cases`` (5) cases of seed 15 to fine-tune on and
@@ -15,7 +15,7 @@ copied:
 1. the shipped weights (``--weights``, default ``bundle/models/model.pt``) scored on the held-out
    cases with the bundle's evaluation (``train.json`` + ``evaluate.json``, no CRF, as in the model card);
 2. fine-tuned from them: ``train.json`` + ``quick.json`` at the shipped network size (``spacing``
-   2 mm), a ``custom.checkpoints.CheckedCheckpointLoader`` of the weights prepended to
+   2 mm), a ``custom.handlers.checkpoints.CheckedCheckpointLoader`` of the weights prepended to
    ``train#handlers`` and no learning-rate warm-up (both as the MONAI Label train task does),
    ``--learning_rate`` decayed by the cosine schedule over the run, ``--epochs`` epochs of
    ``--iterations_per_epoch`` iterations (one 64^3 crop each) on all training cases, validated once
@@ -47,16 +47,13 @@ import sys
 import time
 from pathlib import Path
 
-from step_runner import CONFIGS, REPO, peak_memory, run_step, run_training_timed, serve_step
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.step_runner import CONFIGS, REPO, peak_memory, run_step, run_training_timed, serve_step
+from custom.data import REGIONS
 
 TRAIN_SEED, HELDOUT_SEED = 15, 16
 TRAIN_CONFIGS = ["train.json", "quick.json"]
 EVAL_CONFIGS = ["train.json", "evaluate.json"]
 SHIPPED_SPACING = [2.0, 2.0, 2.0]  # mm; quick.json's 2.5 mm is not the shipped network's grid
-REGIONS = ("TC", "WT", "ET")  # custom.brats.REGIONS, as summary.json names them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +69,7 @@ def _workflow(configs: list[str], workflow_type: str | None, overrides: dict, we
     for k, v in overrides.items():
         wf.parser[k] = v
     if weights:
-        loader = {"_target_": "custom.checkpoints.CheckedCheckpointLoader", "load_path": weights, "load_dict": {"model": "@network"},
+        loader = {"_target_": "custom.handlers.checkpoints.CheckedCheckpointLoader", "load_path": weights, "load_dict": {"model": "@network"},
                   "network_settings": "@network_settings", "map_location": "@device", "strict": True}
         wf.parser["train#handlers"] = [loader, *copy.deepcopy(wf.parser.get("train#handlers"))]
     wf.initialize()
@@ -111,14 +108,14 @@ WORKERS = {"train": worker_train, "evaluate": worker_evaluate}
 # ---------------------------------------------------------------------------------------------
 def make_data(folder: Path, cases: int, seed: int, size: str, workers: int) -> Path:
     """``cases`` generated cases of ``seed`` in ``folder`` (kept when already complete)."""
-    from custom.brats import list_cases
+    from custom.data import list_cases
     from custom.synthetic import write_dataset
 
     if folder.is_dir() and len([c for c in list_cases(folder) if c.label is not None]) == cases:
         print(f"[data] using the existing {folder}", flush=True)
         return folder
     t0 = time.perf_counter()
-    write_dataset(folder, cases, seed=seed, layout="2021", size=size, workers=workers)
+    write_dataset(folder, cases, seed=seed, layout="brats2021", size=size, workers=workers)
     print(f"[data] wrote {cases} cases (seed {seed}, {size}) to {folder} in {time.perf_counter() - t0:.0f} s", flush=True)
     return folder
 
@@ -140,9 +137,9 @@ def report(results: dict) -> str:
         f"{results['date']}, {results['machine']}; wall time {results['wall_s'] / 60:.1f} min  ",
         f"Weights: `{_shown(a['weights'])}` (sha256 {results['weights_sha256'][:12]}). Data: {a['train_cases']} training cases (seed "
         f"{a['train_seed']}) and {a['heldout_cases']} held-out cases (seed {a['heldout_seed']}), `custom.synthetic --size {a['size']} "
-        f"--layout 2021`.  ",
+        f"--layout brats2021`.  ",
         f"Fine-tuning: {' + '.join(TRAIN_CONFIGS)}, overrides {json.dumps(results['train_overrides'])}, iterations_per_epoch as in "
-        f"the rows; the shipped weights loaded first (`custom.checkpoints.CheckedCheckpointLoader` in `train#handlers`).  ",
+        f"the rows; the shipped weights loaded first (`custom.handlers.checkpoints.CheckedCheckpointLoader` in `train#handlers`).  ",
         f"Scoring: {' + '.join(EVAL_CONFIGS)} (no CRF) on the held-out cases.",
         "",
         "| model | iterations (epochs x per epoch) | training min | s/iteration | Dice TC | Dice WT | Dice ET | Dice mean | change "

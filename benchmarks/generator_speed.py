@@ -1,6 +1,6 @@
 """What generating training images costs: our generator against what TorchIO, cornucopia and MONAI offer.
 
-    python benchmarks/generator_speed.py --out benchmarks/results/generator_speed.md [--cases 4]
+    python -m benchmarks.generator_speed --out benchmarks/results/generator_speed.md [--cases 4]
 
 One thread everywhere (``torch.set_num_threads(1)``; the generator is NumPy), seconds per case:
 

@@ -18,7 +18,7 @@ post-process, write the label NIfTI) and peak memory of:
   roi 240x240x160, ``sw_batch_size=1``, ``overlap=0.5``), same stock pipeline as above.
 * ``ours``: the bundle's own inference (``inference.json`` as shipped, ``monai.bundle.ConfigWorkflow``),
   without and with the CRF; and ``ours, before`` (the network not passed through
-  ``custom.fast_inference.accelerate``, i.e. the config before the speed work).
+  ``custom.networks.fast_inference.accelerate``, i.e. the config before the speed work).
 
 Networks have random weights (no trained full-width model exists), so that the CRF does realistic
 work the bundle rows feed it ORACLE-NOISED probabilities (``benchmarks/crf_benchmark.py``:
@@ -35,9 +35,9 @@ resampling spacings), model FLOPs per case (``torch.utils.flop_counter`` on one 
 against the machine's measured peak matmul FLOP/s, and output agreement of the fast path with the
 reference on a trained model (``runs/demo``, ``quick.json``) when there is one::
 
-    python benchmarks/inference_speed.py --out benchmarks/results/inference_speed.md      # full width (48)
-    python benchmarks/inference_speed.py --config bundle/configs/quick.json --size small   # quick width (12)
-    python benchmarks/inference_speed.py --smoke                                           # seconds, for tests
+    python -m benchmarks.inference_speed --out benchmarks/results/inference_speed.md      # full width (48)
+    python -m benchmarks.inference_speed --config bundle/configs/quick.json --size small   # quick width (12)
+    python -m benchmarks.inference_speed --smoke                                           # seconds, for tests
 """
 
 from __future__ import annotations
@@ -51,10 +51,7 @@ import threading
 import time
 from pathlib import Path
 
-from step_runner import CONFIGS, REPO, emit_tables, cuda_available, load_average, run_step, serve_step
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.step_runner import CONFIGS, REPO, cuda_available, emit_tables, load_average, run_step, serve_step
 
 STOCK_SWIN = {"overlap": 0.6, "sw_batch_size": 1, "mode": "constant"}  # research-contributions BRATS21/test.py
 SEGRESNET = {"roi": [240, 240, 160], "overlap": 0.5, "sw_batch_size": 1, "mode": "constant"}  # MONAI brats_mri_segmentation
@@ -153,7 +150,7 @@ def worker_stock(spec: dict) -> dict:
     from monai.networks.nets import SegResNet
     from monai.transforms import Compose, LoadImaged, NormalizeIntensityd
 
-    from custom.brats import list_cases
+    from custom.data import list_cases
 
     device = spec["device"]
     torch.manual_seed(0)
@@ -202,8 +199,8 @@ def worker_bundle(spec: dict) -> dict:
     from monai.bundle import ConfigWorkflow
     from monai.utils import convert_to_dst_type
 
-    from crf_benchmark import case_seed, find_crf, oracle_noised_probs
-    from custom.brats import case_id_from_path, list_cases
+    from benchmarks.crf_benchmark import case_seed, oracle_noised_probs
+    from custom.data import case_id_from_path, list_cases
     from custom.metrics import spacing_of
     from custom.transforms import LabelToRegions
 
@@ -216,17 +213,15 @@ def worker_bundle(spec: dict) -> dict:
     if spec.get("ckpt"):
         settings["ckpt_path"] = spec["ckpt"]
     else:
-        for i, h in enumerate(p["handlers"]):
-            if isinstance(h, dict) and "CheckpointLoader" in str(h.get("_target_", "")):
-                settings[f"handlers#{i}#_disabled_"] = True
+        settings["checkpoint_loader#_disabled_"] = True
     if spec["repeats"] > 1:
-        settings["datalist"] = "$" + str(p["datalist"]).lstrip("$") + f" * {spec['repeats']}"
+        settings["datalist"] = [c.to_dict() for c in list_cases(spec["case_dir"])] * spec["repeats"]
     for k, v in settings.items():
         p[k] = v
     wf.initialize()
     evaluator = p.get_parsed_content("evaluator")
     network = p.get_parsed_content("network")
-    crf = find_crf(p.get_parsed_content("postprocessing"))
+    crf = p.get_parsed_content("crf")
     if spec["use_crf"] != (crf is not None):
         raise RuntimeError("use_crf and the parsed post-processing disagree")
     roi = list(p["roi_size"])
@@ -300,8 +295,8 @@ def worker_window(spec: dict) -> dict:
 
     import torch
 
-    from custom.fast_inference import accelerate
     from custom.networks import SwinUNETRAttSE
+    from custom.networks.fast_inference import accelerate
 
     device = spec["device"]
     args = spec["net"]
@@ -434,9 +429,9 @@ def worker_check(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from custom.brats import list_cases
-    from custom.fast_inference import WholeVolumeInferer, accelerate
+    from custom.data import list_cases
     from custom.metrics import region_dice
+    from custom.networks.fast_inference import WholeVolumeInferer, accelerate
     from custom.transforms import LabelToRegions
 
     p = read_parser(spec["configs"])
@@ -508,14 +503,14 @@ def run_worker(kind: str, spec: dict, log: Path, threads: int | None, cache: Pat
 # driver
 # ---------------------------------------------------------------------------------------------
 def _ensure_case(case_dir: Path, size: str, seed: int) -> None:
-    from custom.brats import list_cases
+    from custom.data import list_cases
 
     if case_dir.is_dir() and any(case_dir.iterdir()):
         return
     from custom.synthetic import write_dataset
 
     print(f"# writing one synthetic {size} case (seed {seed}) to {case_dir}", flush=True)
-    write_dataset(case_dir, 1, seed=seed, layout="2021", size=size)
+    write_dataset(case_dir, 1, seed=seed, layout="brats2021", size=size)
     list_cases(case_dir)
 
 
@@ -546,7 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per pipeline (default 1; the mean is reported)")
     ap.add_argument("--pipelines", default="monai-swinunetr,monai-swinunetr-bundle,monai-segresnet,ours-before,ours,ours-crf,ours-whole-crf",
                     help="comma-separated subset of the pipelines (see the module docstring)")
-    ap.add_argument("--stock_overlap", type=float, default=STOCK_SWIN["overlap"], help="overlap of the stock SwinUNETR pipeline (default 0.6, MONAI's BRATS21 script)")
+    ap.add_argument("--stock_overlap", type=float, default=STOCK_SWIN["overlap"],
+                    help="overlap of the stock SwinUNETR pipeline (default 0.6, MONAI's BRATS21 script)")
     ap.add_argument("--stock_sw_batch_size", type=int, default=STOCK_SWIN["sw_batch_size"])
     ap.add_argument("--window", default="monai_swinunetr,monai_swinunetr_flash,monai_swinunetr_flash_accel,ours_before,ours,"
                     "ours_inference_mode,ours_channels_last,ours_bf16", help="network-level options to time on one window ('' to skip)")
@@ -604,7 +600,8 @@ def main(argv=None) -> int:
           f"load {load_start}", flush=True)
     results: dict = {}
     labels = {
-        "monai-swinunetr": f"MONAI SwinUNETR, stock pipeline (no crop, overlap {args.stock_overlap}, sw_batch {args.stock_sw_batch_size}, constant blend, flash off)",
+        "monai-swinunetr": f"MONAI SwinUNETR, stock pipeline (no crop, overlap {args.stock_overlap}, "
+                           f"sw_batch {args.stock_sw_batch_size}, constant blend, flash off)",
         "monai-swinunetr-bundle": "MONAI SwinUNETR (flash off) in our bundle pipeline, no CRF",
         "monai-segresnet": "MONAI SegResNet, BraTS-bundle settings (roi 240x240x160, overlap 0.5, sw_batch 1)",
         "ours-before": "ours, before the speed work (no accelerate()), no CRF",
@@ -630,7 +627,7 @@ def main(argv=None) -> int:
         else:
             over = stock_bundle_over if name == "monai-swinunetr-bundle" else before_over if name.startswith("ours-before") else {}
             if name.startswith("ours-whole"):
-                over = {"inferer": {"_target_": "custom.fast_inference.WholeVolumeInferer"}}
+                over = {"inferer": {"_target_": "custom.networks.fast_inference.WholeVolumeInferer"}}
             trained = args.ckpt is not None and name.startswith("ours")
             spec = {"configs": configs, "overrides": over, "use_crf": name.endswith("-crf"), "case_dir": str(case_dir), "out_dir": out_dir,
                     "repeats": args.repeats, "device": device, "oracle": not trained, "whole": name.startswith("ours-whole")}
@@ -703,7 +700,7 @@ def report(argv, configs, net, case_dir, device, results, labels, window, scalin
     L = [
         "## Inference speed",
         "",
-        f"Command: `python benchmarks/inference_speed.py {' '.join(argv)}`  ",
+        f"Command: `python -m benchmarks.inference_speed {' '.join(argv)}`  ",
         f"Configs {', '.join(Path(c).name for c in configs)}; width (feature_size) {net['feature_size']}, depths {net['depths']}, "
         f"roi {net['roi_size']}, sw_batch_size {net['sw_batch_size']}, overlap {net['sw_overlap']}, spacing {net['spacing']}; "
         f"case {case_dir}; device {device}, {os.cpu_count()} CPUs ({cpu}), torch {threads} threads, torch {tv}, MONAI {mv}; "
@@ -719,7 +716,8 @@ def report(argv, configs, net, case_dir, device, results, labels, window, scalin
               "write); 'other' = everything but network and CRF; 'CPU s' = the process's CPU time during the case (all threads). "
               + (f"'ours' rows: trained weights {ckpt} (the CRF works on their probabilities); other rows random weights."
                  if ckpt else "Random weights; the bundle rows feed the CRF oracle-noised probabilities (see the script's docstring)."), "",
-              "| pipeline | network grid | windows (roi, overlap) | s/case | network s | CRF s | other s | CPU s | peak RSS GB | x stock SwinUNETR | x stock SwinUNETR in our pipeline | load after |",
+              "| pipeline | network grid | windows (roi, overlap) | s/case | network s | CRF s | other s | CPU s | peak RSS GB "
+              "| x stock SwinUNETR | x stock SwinUNETR in our pipeline | load after |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results.items():
             t = _mean(r["rows"], "total")
@@ -736,7 +734,8 @@ def report(argv, configs, net, case_dir, device, results, labels, window, scalin
               "| variant | s per forward | s per window | CPU s per forward | max abs diff | reference | peak RSS GB |", "|---|---|---|---|---|---|---|"]
         for name, r in window["results"].items():
             d = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
-            L.append(f"| {r['label']} | {r['seconds']:.2f} | {r['seconds_per_window']:.2f} | {r['cpu_s']:.1f} | {d} | {r['reference']} | {r['peak_rss_gb']:.1f} |")
+            L.append(f"| {r['label']} | {r['seconds']:.2f} | {r['seconds_per_window']:.2f} | {r['cpu_s']:.1f} | {d} "
+                     f"| {r['reference']} | {r['peak_rss_gb']:.1f} |")
         L.append("")
     if results:
         grid = next((r["grid"] for n, r in results.items() if n.startswith("ours")), None)

@@ -23,9 +23,9 @@ request at a time; the clients' concurrency becomes a queue (a label save waits 
 inferences sent before it). Training runs in its own process.
 
     # its own server on a free loopback port (synthetic studies, tiny untrained network)
-    python benchmarks/load_test.py --start-server --requests 100 --concurrency 16 --train
+    python -m benchmarks.load_test --start-server --requests 100 --concurrency 16 --train
     # a running server (RSS read from the process listening on the port, same machine)
-    python benchmarks/load_test.py --url http://127.0.0.1:8000 --requests 200 --concurrency 16
+    python -m benchmarks.load_test --url http://127.0.0.1:8000 --requests 200 --concurrency 16
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ import nibabel as nib
 import numpy as np
 import psutil
 import requests
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # mlapp_server: the server launcher shared with the tests
 
 MODEL = "brats"
 MiB = 2**20
@@ -286,8 +282,8 @@ def print_report(rep: dict) -> None:
 
 
 def start_own_server(workdir: Path, cases: int):
-    import mlapp_server as ms
     from custom.synthetic import write_dataset
+    from devtools import mlapp_server as ms
 
     write_dataset(workdir / "msd", cases, seed=0, layout="msd", size="small")
     studies = workdir / "studies"
@@ -326,7 +322,7 @@ def main(argv=None) -> int:
     tmp = None
     try:
         if args.start_server:
-            import mlapp_server as ms
+            from devtools import mlapp_server as ms
 
             workdir = args.workdir or Path(tmp := tempfile.mkdtemp(prefix="load_test_"))
             workdir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The bundle's model on real MRI: expert-labelled BraTS 2015 cases (FLAIR + T1ce) and a BraTS 2023 case.
 
-    python benchmarks/real_mri.py --real_dev ../shared/real-dev --out benchmarks/results/real_mri.md
+    python -m benchmarks.real_mri --real_dev ../shared/real-dev --out benchmarks/results/real_mri.md
 
 Runs the bundle's own ``inference.json`` (``python -m monai.bundle run inference``, as a user
 would; ``--override KEY=JSON`` and ``--config`` add to it) on
@@ -38,10 +38,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.brats import CONVENTIONS, REGIONS
+from custom.data import CONVENTIONS, REGIONS
 from custom.metrics import region_metrics
+from devtools import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BRATS2015_REGIONS = {"TC": (1, 3, 4), "WT": (1, 2, 3, 4), "ET": (4,)}  # 2015 labels: 1 necrosis, 2 oedema, 3 non-enhancing, 4 ET
 PRED_REGIONS = CONVENTIONS["brats2021"].region_labels  # what the bundle writes for a BraTS 2021-named dataset
 FILES_2015 = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1ce": "T1c_subtrMeanDivStd.nii.gz"}
@@ -215,7 +215,7 @@ def report(results: dict, label: str) -> str:
             cs = list(b["cases"].values())
             means = {r: np.mean([c[f"dice_{r}"] for c in cs]) for r in REGIONS}
             hds = {r: np.mean([c[f"hd95_{r}"] for c in cs]) for r in REGIONS}
-            lines.append(f"| **mean** | " + " | ".join(f"**{means[r]:.3f}**" for r in REGIONS) + f" | **{np.mean(list(means.values())):.3f}** | "
+            lines.append("| **mean** | " + " | ".join(f"**{means[r]:.3f}**" for r in REGIONS) + f" | **{np.mean(list(means.values())):.3f}** | "
                          + " | ".join(f"{hds[r]:.1f}" for r in REGIONS) + " | |")
             lines += ["", f"{b['n']} cases in {b['seconds_total']:.1f} s (one bundle command: start-up, model build, and per case load, "
                           f"preprocess, network, post-processing, write)", ""]

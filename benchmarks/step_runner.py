@@ -2,7 +2,7 @@
 
 A fresh process per step makes peak memory a per-step figure (``ru_maxrss`` of that process) and keeps
 one step's caches, threads and allocator state out of the next one's timing. The driver calls
-:func:`run_step`, which starts ``python <script> _worker <kind> <spec.json> <result.json>``; the
+:func:`run_step`, which starts ``python -m benchmarks.<script> _worker <kind> <spec.json> <result.json>``; the
 script's ``main`` hands such an argv to :func:`serve_step` with its table of workers
 (``kind -> function(spec: dict) -> dict``). Each step's output is appended to a log file.
 """
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
+from devtools import REPO
+
 CONFIGS = REPO / "bundle" / "configs"
 
 
@@ -35,7 +36,7 @@ def run_step(script: str | Path, kind: str, spec: dict, log: Path, threads: int 
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, str(Path(script).resolve()), "_worker", kind, spec_path, result_path]
+    cmd = [sys.executable, "-m", f"benchmarks.{Path(script).stem}", "_worker", kind, spec_path, result_path]
     t0 = time.perf_counter()
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n# spec: {json.dumps(spec)}\n")

@@ -23,8 +23,8 @@ The attention+SE overhead is ours / stock - 1 of the median step; the loader's s
 wait over the step, and no-op samples/s against ours shows how far the loader is from being the
 bottleneck::
 
-    python benchmarks/training_throughput.py --quick --out benchmarks/results/training_throughput.md
-    python benchmarks/training_throughput.py --full --iterations 4 --cases 4      # 128^3, width 48 (slow on CPU)
+    python -m benchmarks.training_throughput --quick --out benchmarks/results/training_throughput.md
+    python -m benchmarks.training_throughput --full --iterations 4 --cases 4      # 128^3, width 48 (slow on CPU)
 """
 
 from __future__ import annotations
@@ -37,10 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from step_runner import CONFIGS, REPO, emit_tables, load_average, peak_memory, run_step, serve_step
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.step_runner import CONFIGS, REPO, emit_tables, load_average, peak_memory, run_step, serve_step
 
 VARIANTS = {
     "monai-swinunetr": ("MONAI SwinUNETR (stock)", {
@@ -160,7 +157,7 @@ def main(argv=None) -> int:
 def report(argv, configs, args, iterations, runs, load_start, wall) -> str:
     first = next(iter(runs.values()))[0]
     L = ["## Training throughput", "",
-         f"Command: `python benchmarks/training_throughput.py {' '.join(argv)}`  ",
+         f"Command: `python -m benchmarks.training_throughput {' '.join(argv)}`  ",
          f"Configs {', '.join(Path(c).name for c in configs)}: width {first['feature_size']}, crops {first['roi_size']}, "
          f"{first['samples_per_step']} sample(s) per step, num_workers {first['num_workers']}; data {args.dataset_dir}"
          f"{f' (first {args.cases} training cases)' if args.cases else ''}; {iterations} timed iterations after {args.warmup} warm-up, "

@@ -20,7 +20,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_hausdorff_distance
 
-from custom.brats import REGIONS
+from custom.atomic_files import atomic_path, atomic_write
+from custom.data import REGIONS
 
 HD95_ONE_EMPTY_MM = 373.12866
 
@@ -86,16 +87,12 @@ def write_report(rows: list[dict], output_dir: str | os.PathLike) -> tuple[Path,
     out.mkdir(parents=True, exist_ok=True)
     columns = ["case_id"] + [f"{m}_{r}" for m in ("dice", "hd95") for r in (*REGIONS, "mean")]
     csv_path, json_path = out / "metrics.csv", out / "summary.json"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in columns})
-    os.replace(tmp, csv_path)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(summarise(rows), indent=2))
-    os.replace(tmp, json_path)
+    atomic_write(json_path, json.dumps(summarise(rows), indent=2))
     return csv_path, json_path
 
 

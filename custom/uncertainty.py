@@ -17,9 +17,12 @@ into logits for pipelines that apply a sigmoid afterwards.
 
 from __future__ import annotations
 
-import torch
+from functools import partial
 
-__all__ = ["split_samples", "bernoulli_entropy", "mc_uncertainty", "mean_logit"]
+import torch
+from monai.data import MetaTensor
+
+__all__ = ["split_samples", "bernoulli_entropy", "mc_uncertainty", "mean_logit", "mc_dropout_pass"]
 
 
 def split_samples(logits: torch.Tensor, samples: int) -> torch.Tensor:
@@ -65,3 +68,23 @@ def mean_logit(mean_prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     if not 0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}.")
     return torch.logit(mean_prob, eps=eps)
+
+
+def mc_dropout_pass(inferer, network, image: torch.Tensor, samples: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """One Monte-Carlo dropout prediction of ``image`` ``(C, *spatial)`` through ``inferer`` with
+    ``network.forward_mc`` (:class:`custom.networks.SwinUNETRAttSE`). Returns, on ``image``'s grid and
+    with its affine: ``logit`` ``(3, *spatial)`` (logit of the mean probability), ``mutual_information``
+    and ``predictive_entropy`` ``(1, *spatial)`` (nats)."""
+    inputs = (image if torch.is_tensor(image) else torch.as_tensor(image))[None]
+    if device is not None:
+        inputs = inputs.to(device)
+    with torch.no_grad():
+        logits = inferer(inputs, partial(network.forward_mc, samples=samples))
+    u = mc_uncertainty(torch.as_tensor(logits), samples)
+    meta = {"affine": image.affine} if isinstance(image, MetaTensor) else {}
+    return {
+        "logit": MetaTensor(mean_logit(u["mean_prob"])[0], **meta),
+        "mutual_information": MetaTensor(u["mutual_information"][0].float(), **meta),
+        "predictive_entropy": MetaTensor(u["predictive_entropy"][0].float(), **meta),
+    }
+

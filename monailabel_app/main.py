@@ -15,14 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from typing import Dict
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(APP_DIR)
-if REPO_ROOT not in sys.path:  # the bundle's config imports the repo's ``custom`` package
-    sys.path.insert(0, REPO_ROOT)
 
 import monailabel  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
@@ -39,17 +36,14 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
 from lib.datastore import open_datastore  # noqa: E402
 from lib.infers import BraTSBundleInfer  # noqa: E402
-from lib.security import harden_server, request_has_upload  # noqa: E402
+from lib.params import truthy  # noqa: E402
 from lib.scoring import EpistemicMCDropoutScoring  # noqa: E402
+from lib.security import harden_server, request_has_upload  # noqa: E402
 from lib.trainers import BraTSBundleTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 KNOWN_MODELS = ("brats",)
-
-
-def _flag(conf: Dict[str, str], key: str, default: bool) -> bool:
-    return str(conf.get(key, default)).strip().lower() in ("true", "1", "yes", "on")
 
 
 def parse_conf(conf: Dict[str, str]) -> dict:
@@ -80,7 +74,7 @@ def parse_conf(conf: Dict[str, str]) -> dict:
         "train_configs": train_configs,
         "overrides": overrides,
         "mc_samples": mc_samples,
-        "auto_update_scoring": _flag(conf, "auto_update_scoring", False),
+        "auto_update_scoring": truthy(conf.get("auto_update_scoring", False), "auto_update_scoring"),
     }
 
 
@@ -121,7 +115,8 @@ class MyApp(MONAILabelApp):
         """Bundle overrides: the studies' layout (channel order, label convention), then the user's."""
         layout = {}
         if self.layout is not None:
-            layout = {"layout": f"$brats.Layout({self.layout.name!r}, {self.layout.suffixes!r}, {self.layout.separator!r}, {tuple(self.layout.channel_index)!r})"}
+            layout = {"layout": f"$brats.Layout({self.layout.name!r}, {self.layout.suffixes!r}, {self.layout.separator!r}, "
+                                f"{tuple(self.layout.channel_index)!r})"}
         return {**layout, **self.options["overrides"]}
 
     def init_infers(self) -> Dict[str, InferTask]:
@@ -161,11 +156,12 @@ class MyApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """MONAI Label's ``infer``, with the image id checked (HTTP 400/404) and resolved to the case's
         network input (a 4D NIfTI or the modality files of a BraTS case folder, with the names of the
-        sequences present: a case may lack some, see ``custom.brats.REQUIRED_ANY``)."""
+        sequences present: a case may lack some, see ``custom.data.REQUIRED_ANY``)."""
         datastore = datastore or self.datastore()
         request = {k: v for k, v in request.items() if k != "sequences"}  # set from the datastore below, never by the client
         image = request.get("image")
-        if request_has_upload() and isinstance(image, str) and os.path.isfile(image) and os.path.dirname(os.path.realpath(image)) == os.path.realpath(tempfile.gettempdir()):
+        if (request_has_upload() and isinstance(image, str) and os.path.isfile(image)
+                and os.path.dirname(os.path.realpath(image)) == os.path.realpath(tempfile.gettempdir())):
             return super().infer(request, datastore)  # a file uploaded with the request (stored by the endpoint in the temp dir)
         if not hasattr(datastore, "model_input"):  # MONAI Label's own remote datastores (XNAT, DSA)
             return super().infer(request, datastore)
@@ -176,7 +172,7 @@ class MyApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"image {image_id!r}: its file(s) are no longer on the server's disk "
                                                         f"({', '.join(os.path.basename(f) for f in gone)}); add the image again")
         sequences = datastore.model_sequences(image_id)  # those present; the bundle's loader zero-fills the others
-        save_label = str(request.get("save_label", False)).lower() in ("true", "1")
+        save_label = truthy(request.get("save_label", False), "save_label")
         result = super().infer({**request, "image": model_input, "sequences": sequences, "save_label": False}, datastore)
         if save_label and result.get("file") and not result["params"].get("uncertainty"):
             tag = request.get("label_tag", "original")

@@ -11,18 +11,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.synthetic import msd_dataset_json
+from custom.data import CONVENTIONS, LAYOUTS, MODALITIES, MSD_CHANNELS
+from custom.synthetic import case_id, msd_dataset_json
+from devtools import REPO  # noqa: F401  (the test modules import it from here)
 
-REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
-SUFFIXES = {"2021": (("t1", "t1ce", "t2", "flair", "seg"), "_"), "2023": (("t1n", "t1c", "t2w", "t2f", "seg"), "-")}
-LABELS = {"2021": (1, 2, 4), "2023": (1, 2, 3), "msd": (2, 1, 3)}  # NCR, ED, ET values
 
 
-def toy_label(shape=(12, 10, 8), layout="2021") -> np.ndarray:
+def toy_label(shape=(12, 10, 8), layout="brats2021") -> np.ndarray:
     """A nested toy tumour: ED box around an NCR box with an ET voxel layer."""
-    ncr, ed, et = LABELS[layout]
+    conv = CONVENTIONS[layout]
+    ncr, ed, et = conv.ncr, conv.ed, conv.et
     lab = np.zeros(shape, np.uint8)
     lab[2:10, 2:8, 2:6] = ed
     lab[4:8, 4:6, 3:5] = et
@@ -37,7 +37,7 @@ def toy_modalities(shape=(12, 10, 8), seed=0) -> list[np.ndarray]:
 
 
 def case_id_for(layout: str, i: int) -> str:
-    return {"2021": f"BraTS2021_{i:05d}", "2023": f"BraTS-GLI-{i:05d}-000", "msd": f"BRATS_{i + 1:03d}"}[layout]
+    return case_id(layout, i)
 
 
 def write_toy_dataset(root: Path, layout: str, n: int = 3, unlabelled: int = 0, shape=(12, 10, 8)) -> list[str]:
@@ -53,8 +53,7 @@ def write_toy_dataset(root: Path, layout: str, n: int = 3, unlabelled: int = 0, 
         if layout == "msd":
             sub = "imagesTr" if has_label else "imagesTs"
             (root / sub).mkdir(exist_ok=True)
-            # MSD channel order: FLAIR, T1w, t1gd, T2w (canonical is T1, T1ce, T2, FLAIR)
-            vol = np.stack([mods[3], mods[0], mods[1], mods[2]], axis=-1)
+            vol = np.stack([mods[MODALITIES.index(m)] for m in MSD_CHANNELS], axis=-1)
             nib.save(nib.Nifti1Image(vol, BRATS_AFFINE), root / sub / f"{cid}.nii.gz")
             if has_label:
                 (root / "labelsTr").mkdir(exist_ok=True)
@@ -63,7 +62,7 @@ def write_toy_dataset(root: Path, layout: str, n: int = 3, unlabelled: int = 0, 
             else:
                 test.append(f"./imagesTs/{cid}.nii.gz")
             continue
-        suffixes, sep = SUFFIXES[layout]
+        suffixes, sep = LAYOUTS[layout].suffixes, LAYOUTS[layout].separator
         case_dir = root / cid
         case_dir.mkdir(exist_ok=True)
         for m, s in zip(mods, suffixes[:4]):
@@ -76,7 +75,7 @@ def write_toy_dataset(root: Path, layout: str, n: int = 3, unlabelled: int = 0, 
     return ids
 
 
-@pytest.fixture(params=["2021", "2023", "msd"])
+@pytest.fixture(params=["brats2021", "brats2023", "msd"])
 def layout(request) -> str:
     return request.param
 

@@ -1,4 +1,4 @@
-"""Random sequence dropout (custom.augmentation.SequenceDropoutd) on real tensors."""
+"""Random sequence dropout (custom.transforms.augmentation.SequenceDropoutd) on real tensors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from custom.augmentation import SequenceDropoutd, usable_subsets
-from custom.brats import MODALITIES
+from custom.data import MODALITIES
+from custom.transforms.augmentation import SequenceDropoutd, usable_subsets
 
 
 def _image() -> torch.Tensor:

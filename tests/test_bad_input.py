@@ -5,12 +5,12 @@ What "a clear error" means here, per entry point:
 - data layer (``list_cases``/``validate_case``, ``load_nifti``/``load_voxels``/``check_image_voxels``,
   and the bundle's loader ``CheckedLoadImaged``): a ``BraTSDataError`` whose message starts with
   ``case <id>: <the file's path>:`` and says what is wrong; never another exception type;
-- ``python -m custom.brats DIR``: exit code 2 and ``error: case <id>: <file>: ...`` on stderr, no
+- ``python -m custom.data DIR``: exit code 2 and ``error: case <id>: <file>: ...`` on stderr, no
   traceback;
 - bundle commands (``python -m monai.bundle run training|evaluating|inference``): exit code != 0 and
   the *last line* of stderr is ``BraTSDataError: case <id>: <file>: <what is wrong>``. MONAI wraps
   errors raised while parsing a config or applying a transform in its own ``RuntimeError`` and
-  prints its traceback; ``custom.brats`` repeats our message after it, so nothing from a library
+  prints its traceback; ``custom.data.errors.install_excepthook`` repeats our message after it, so nothing from a library
   comes after the explanation;
 - MONAI Label uploads (``check_label_file``, ``CheckedLocalDatastore.add_image``): ``HTTPException``
   415 (not a readable NIfTI file) or 422 (a NIfTI file with a bad header or content) whose detail
@@ -35,7 +35,6 @@ import math
 import re
 import resource
 import subprocess
-import sys
 import time
 import tracemalloc
 import zlib
@@ -45,20 +44,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BRATS_AFFINE, PYTHON, REPO, run_env, toy_label, toy_modalities, write_toy_dataset
 from fastapi import HTTPException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-from conftest import BRATS_AFFINE, PYTHON, REPO, run_env, toy_label, toy_modalities, write_toy_dataset
-from custom import brats
-from custom.brats import CONVENTIONS, BraTSDataError, NotNiftiError, check_image_voxels, list_cases, load_nifti, load_voxels
+from custom import data as brats
+from custom.data import CONVENTIONS, BraTSDataError, NotNiftiError, check_image_voxels, list_cases, load_nifti, load_voxels, nifti
 from custom.synthetic import msd_dataset_json
 from custom.synthetic.fields import rotation
 from custom.transforms import CheckedLoadImaged, LabelToRegionsd
-
-sys.path.insert(0, str(REPO / "monailabel_app"))  # the app's own `lib` package, as its launcher does
 from lib.datastore.brats import CheckedLocalDatastore, check_label_file, open_datastore  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
@@ -197,7 +194,7 @@ BAD_FILES = {
 @pytest.mark.parametrize("name", list(BAD_FILES))
 def test_bad_file_is_refused_naming_case_and_file(tmp_path, name):
     corrupt, level, pattern, at_load = BAD_FILES[name]
-    write_toy_dataset(tmp_path, "2021", n=2)
+    write_toy_dataset(tmp_path, "brats2021", n=2)
     bad = corrupt(tmp_path / CID)
     if level == "full":
         list_cases(tmp_path, check="header")  # voxel problems do not show in headers: the cheap check passes
@@ -218,7 +215,7 @@ def test_bad_file_is_refused_naming_case_and_file(tmp_path, name):
 
 
 def test_absurd_size_is_refused_before_allocating_memory(tmp_path, monkeypatch):
-    write_toy_dataset(tmp_path, "2021", n=1)
+    write_toy_dataset(tmp_path, "brats2021", n=1)
     BAD_FILES["absurd size"][0](tmp_path / CID)  # 30000^3 int16 = 50 TiB declared, 8 voxels stored
     tracemalloc.start()
     t = time.perf_counter()
@@ -228,8 +225,8 @@ def test_absurd_size_is_refused_before_allocating_memory(tmp_path, monkeypatch):
     tracemalloc.stop()
     assert elapsed < 2.0 and peak < 5 * 2**20, (elapsed, peak)
     # the limit is a setting (BRATS_MAX_IMAGE_BYTES in the environment): a toy case is 1920 bytes a modality
-    write_toy_dataset(tmp_path / "ok", "2021", n=1)
-    monkeypatch.setattr(brats, "MAX_IMAGE_BYTES", 1000)
+    write_toy_dataset(tmp_path / "ok", "brats2021", n=1)
+    monkeypatch.setattr(nifti, "MAX_IMAGE_BYTES", 1000)
     with pytest.raises(BraTSDataError, match=r"\(12, 10, 8\) voxels of int16 = 1.79e-06 GiB, more than the 9.31e-07 GiB limit"):
         list_cases(tmp_path / "ok")
 
@@ -265,7 +262,7 @@ def _bomb(path: Path, kind: str, data=None) -> Path:
 @pytest.mark.parametrize("kind", ["vox_offset", "padding", "members"])
 def test_decompression_bombs_are_refused_before_expanding(tmp_path, image_store, kind):
     """Data layer (the bundle's loader reads through it) and both uploads: refused, memory bounded."""
-    write_toy_dataset(tmp_path, "2021", n=1)
+    write_toy_dataset(tmp_path, "brats2021", n=1)
     bomb = _bomb(tmp_path / CID / f"{CID}_t2.nii.gz", kind)
     assert bomb.stat().st_size < 2**20
     message = "vox_offset" if kind == "vox_offset" else "after the voxels its header declares"
@@ -292,7 +289,7 @@ def test_decompression_bombs_are_refused_before_expanding(tmp_path, image_store,
 def test_overflow_prone_dtypes_load_and_preprocess(tmp_path, dtype, preprocess):
     """Images of every integer/float type, at their extreme values, pass the checks and come out of the
     bundle's preprocessing finite and normalised; labels of any numeric type with valid values work."""
-    write_toy_dataset(tmp_path, "2021", n=1)
+    write_toy_dataset(tmp_path, "brats2021", n=1)
     info = np.iinfo(dtype) if dtype in INT_DTYPES else None
     for i, m in enumerate(("t1", "t1ce", "t2", "flair")):
         arr = toy_modalities()[i].astype(np.float64)
@@ -316,7 +313,7 @@ def test_overflow_prone_dtypes_load_and_preprocess(tmp_path, dtype, preprocess):
 
 
 def test_all_zero_label_is_a_valid_case(tmp_path):
-    write_toy_dataset(tmp_path, "2021", n=1)
+    write_toy_dataset(tmp_path, "brats2021", n=1)
     _write(_seg(tmp_path / CID), np.zeros(SHAPE, np.uint8))
     assert list_cases(tmp_path, check="full")[0].label is not None
 
@@ -338,9 +335,9 @@ def test_malformed_msd_dataset_json(tmp_path):
 
 
 def test_check_cli_names_case_and_file_without_traceback(tmp_path):
-    write_toy_dataset(tmp_path, "2021", n=2)
+    write_toy_dataset(tmp_path, "brats2021", n=2)
     bad = BAD_FILES["NaN voxel"][0](tmp_path / CID)
-    proc = subprocess.run([PYTHON, "-m", "custom.brats", str(tmp_path)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([PYTHON, "-m", "custom.data", str(tmp_path)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip() == f"error: case {CID}: {bad}: contains NaN or infinite voxels (1 NaN, 0 infinite)"
 
@@ -352,11 +349,11 @@ def test_data_error_message_is_found_through_monai_wrappers():
         except BraTSDataError as e:
             raise RuntimeError("applying transform <CheckedLoadImaged>") from e
     except RuntimeError as wrapped:
-        assert brats._data_error_message(wrapped) == "case X: /d/x.nii.gz: all voxels are 0"
+        assert brats.data_error_message(wrapped) == "case X: /d/x.nii.gz: all voxels are 0"
     # a DataLoader worker's error arrives as text (torch's ExceptionWrapper), chain lost
-    text = "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...\ncustom.brats.BraTSDataError: case X: f: bad\n\nThe above exception"
-    assert brats._data_error_message(RuntimeError(text)) == "case X: f: bad"
-    assert brats._data_error_message(RuntimeError("unrelated")) is None
+    text = "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...\ncustom.data.errors.BraTSDataError: case X: f: bad\n\nThe above exception"
+    assert brats.data_error_message(RuntimeError(text)) == "case X: f: bad"
+    assert brats.data_error_message(RuntimeError("unrelated")) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,7 +453,7 @@ CASE_DEFECTS = [None, None, "shape", "affine", "ndim", "channels", "label_values
 @st.composite
 def case_specs(draw):
     return {
-        "layout": draw(st.sampled_from(["2021", "msd"])),
+        "layout": draw(st.sampled_from(["brats2021", "msd"])),
         "defect": draw(st.sampled_from(CASE_DEFECTS)),
         "target": draw(st.integers(0, 3)),
         "shape": tuple(draw(st.integers(4, 9)) for _ in range(3)),
@@ -474,7 +471,7 @@ def write_case(root: Path, spec: dict) -> tuple[str, Path | None]:
     affine = oblique_affine(spec["angles"], spec["zooms"])
     rng = np.random.default_rng(0)
     mods = [(100 * (c + 1) + rng.integers(0, 10, shape)).astype(spec["dtype"]) for c in range(4)]
-    ncr, ed, et = (CONVENTIONS["brats2021"].ncr, CONVENTIONS["brats2021"].ed, CONVENTIONS["brats2021"].et) if layout == "2021" else (2, 1, 3)
+    ncr, ed, et = (CONVENTIONS["brats2021"].ncr, CONVENTIONS["brats2021"].ed, CONVENTIONS["brats2021"].et) if layout == "brats2021" else (2, 1, 3)
     label = np.zeros(shape, spec["label_dtype"])
     label[1:-1, 1:-1, 1:-1], label[2:-2, 2:-2, 2:-2], label[2, 2, 2] = ed, ncr, et
     label_affine, label_shape = affine, shape
@@ -484,14 +481,14 @@ def write_case(root: Path, spec: dict) -> tuple[str, Path | None]:
     elif defect == "zero":
         mods[target] = np.zeros(shape, mods[target].dtype)
     elif defect == "label_values":
-        label[0, 0, 0] = 3 if layout == "2021" else 4
+        label[0, 0, 0] = 3 if layout == "brats2021" else 4
     elif defect == "label_shape" or (defect == "shape" and layout == "msd"):
         label_shape = (shape[0] + 1, *shape[1:])
     elif defect == "label_affine" or (defect == "affine" and layout == "msd"):
         label_affine = affine.copy()
         label_affine[:3, 3] += 2.0
     label = np.resize(label, label_shape) if label_shape != shape else label
-    if layout == "2021":
+    if layout == "brats2021":
         cid = CID
         (root / cid).mkdir(parents=True)
         paths = [root / cid / f"{cid}_{s}.nii.gz" for s in ("t1", "t1ce", "t2", "flair")]
@@ -534,7 +531,7 @@ def write_case(root: Path, spec: dict) -> tuple[str, Path | None]:
 def test_any_case_is_listed_or_refused_naming_case_and_file(tmp_path_factory, spec):
     root = tmp_path_factory.mktemp("case")
     cid, bad = write_case(root, spec)
-    # parse time (what `python -m custom.brats` does)
+    # parse time (what `python -m custom.data` does)
     try:
         cases = list_cases(root, check="full")
     except BraTSDataError as e:
@@ -567,7 +564,7 @@ def preprocess(tmp_path_factory):
     Orientationd RAS, Spacingd, CropForegroundd, NormalizeIntensityd) at ``SPACING`` mm, for
     BraTS 2021 layout cases."""
     root = tmp_path_factory.mktemp("layout2021")
-    write_toy_dataset(root, "2021", n=1)
+    write_toy_dataset(root, "brats2021", n=1)
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "quick.json")])
     parser["dataset_dir"] = str(root)
@@ -715,7 +712,7 @@ def test_uploads_declaring_absurd_sizes_are_refused_before_reading(tmp_path, ima
 def test_case_the_server_cannot_name_is_not_listed_and_training_goes_on(tmp_path):
     """A case folder with a space is listed by the data layer (the bundle uses it) but not served:
     the datastore lists, and trains on, the cases it can serve."""
-    write_toy_dataset(tmp_path, "2021", n=3)
+    write_toy_dataset(tmp_path, "brats2021", n=3)
     odd = tmp_path / "BraTS2021 00002"
     (tmp_path / "BraTS2021_00002").rename(odd)
     for f in odd.iterdir():
@@ -797,7 +794,7 @@ def bundle_runs(tmp_path_factory):
 
     def dataset(name, n, corrupt, case=0, unlabelled=0):
         d = root / name
-        write_toy_dataset(d, "2021", n=n, unlabelled=unlabelled)
+        write_toy_dataset(d, "brats2021", n=n, unlabelled=unlabelled)
         cid = f"BraTS2021_{case:05d}"
         return d, cid, corrupt(d / cid, cid)
 

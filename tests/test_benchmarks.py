@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from custom.synthetic import write_dataset
-
-REPO = Path(__file__).resolve().parents[1]
+from devtools import REPO
 
 
 def run_script(script: str, *args, timeout: int = 900) -> str:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return proc.stdout
@@ -26,7 +25,7 @@ def run_script(script: str, *args, timeout: int = 900) -> str:
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench") / "brats2021"
-    write_dataset(root, 5, seed=0, layout="2021", size="small")
+    write_dataset(root, 5, seed=0, layout="brats2021", size="small")
     return root
 
 

@@ -11,12 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BRATS_AFFINE, PYTHON, REPO, case_id_for, run_env, toy_label, toy_modalities, write_toy_dataset
 from monai.data import load_decathlon_datalist
 from monai.transforms import Compose, ConvertToMultiChannelBasedOnBratsClasses, EnsureChannelFirstd, Lambdad, LoadImaged, NormalizeIntensityd
 
-from conftest import BRATS_AFFINE, LABELS, PYTHON, REPO, SUFFIXES, case_id_for, run_env, toy_label, toy_modalities, write_toy_dataset
-from custom.brats import CONVENTIONS, MODALITIES, BraTSDataError, detect_layout, list_cases
-from custom.datalist import kfold_split, make_datalist, select_fold
+from custom.data import CONVENTIONS, LAYOUTS, MODALITIES, BraTSDataError, detect_layout, list_cases
+from custom.data.datalist import kfold_split, make_datalist, select_fold
 from custom.transforms import (
     CheckedLoadImaged,
     LabelToRegions,
@@ -27,7 +27,7 @@ from custom.transforms import (
     ZeroBackgroundd,
 )
 
-LAYOUT_NAME = {"2021": "brats2021", "2023": "brats2023", "msd": "msd"}
+LAYOUT_NAME = {"brats2021": "brats2021", "brats2023": "brats2023", "msd": "msd"}
 
 
 def load_canonical(case) -> torch.Tensor:
@@ -53,8 +53,8 @@ def test_detects_layout_and_lists_cases_in_canonical_order(tmp_path, layout):
         assert [int(img[c].min()) // 100 for c in range(4)] == [1, 2, 3, 4]
         if layout != "msd":
             names = [p.rsplit("/", 1)[1] for p in case.images]
-            sep = "_" if layout == "2021" else "-"
-            suffixes = ("t1", "t1ce", "t2", "flair") if layout == "2021" else ("t1n", "t1c", "t2w", "t2f")
+            sep = "_" if layout == "brats2021" else "-"
+            suffixes = ("t1", "t1ce", "t2", "flair") if layout == "brats2021" else ("t1n", "t1c", "t2w", "t2f")
             assert names == [f"{case.case_id}{sep}{s}.nii.gz" for s in suffixes]
     assert MODALITIES == ("t1", "t1ce", "t2", "flair")
 
@@ -85,20 +85,20 @@ def test_label_region_conversion_both_ways(name):
     back = RegionsToLabel(name)(regions)
     assert back.dtype == torch.uint8 and torch.equal(back, torch.as_tensor(lab))
     # a bigger nested label round-trips, numpy in -> numpy out
-    full = toy_label(layout={"brats2021": "2021", "brats2023": "2023", "msd": "msd"}[name])[None]
+    full = toy_label(layout={"brats2021": "brats2021", "brats2023": "brats2023", "msd": "msd"}[name])[None]
     assert np.array_equal(RegionsToLabel(name)(LabelToRegions(name)(full)), full)
 
 
 @pytest.mark.parametrize("et_label,name", [(4, "brats2021"), (3, "brats2023")])
 def test_regions_agree_with_monai_brats_converter(et_label, name):
-    lab = torch.as_tensor(toy_label(layout="2021" if et_label == 4 else "2023"))
+    lab = torch.as_tensor(toy_label(layout="brats2021" if et_label == 4 else "brats2023"))
     ours = LabelToRegions(name, dtype=torch.bool)(lab[None])
     monai = ConvertToMultiChannelBasedOnBratsClasses(et_label=et_label)(lab)
     assert torch.equal(ours, torch.as_tensor(monai))
 
 
 def test_dictionary_transforms_and_bad_label_values(tmp_path):
-    write_toy_dataset(tmp_path, "2021", n=1)
+    write_toy_dataset(tmp_path, "brats2021", n=1)
     case = list_cases(tmp_path)[0]
     load = Compose([LoadImaged("label", image_only=True), EnsureChannelFirstd("label")])
     d = LabelToRegionsd("label", "brats2021")(load({"label": case.label}))
@@ -127,7 +127,7 @@ def test_datalist_json_reads_with_monai_loader(tmp_path, layout):
     data = tmp_path / "data"
     write_toy_dataset(data, layout, n=6, unlabelled=2)
     out = tmp_path / "datalist.json"
-    proc = subprocess.run([PYTHON, "-m", "custom.datalist", "--dataset_dir", str(data), "--out", str(out), "--folds", "2"],
+    proc = subprocess.run([PYTHON, "-m", "custom.data.datalist", "--dataset_dir", str(data), "--out", str(out), "--folds", "2"],
                           cwd=REPO, env=run_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     train = load_decathlon_datalist(out, is_segmentation=True, data_list_key="training")
@@ -145,20 +145,20 @@ def test_datalist_json_reads_with_monai_loader(tmp_path, layout):
 
 # ---- bad input: clear errors naming the case and the file -------------------------------------------------------
 
-def first_case_dir(root, layout="2021"):
+def first_case_dir(root, layout="brats2021"):
     return root / case_id_for(layout, 0)
 
 
 def _drop(root, layout, case_index, modalities):
     """Delete the files of ``modalities`` (canonical names) of one toy case."""
-    suffixes, sep = SUFFIXES[layout]
+    suffixes, sep = LAYOUTS[layout].suffixes, LAYOUTS[layout].separator
     cid = case_id_for(layout, case_index)
     for m in modalities:
         (root / cid / f"{cid}{sep}{suffixes[MODALITIES.index(m)]}.nii.gz").unlink()
     return cid
 
 
-@pytest.mark.parametrize("layout", ["2021", "2023"])
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
 def test_case_with_only_flair_and_t1ce_is_listed_and_loads_zero_filled(tmp_path, layout):
     """Issue #13: a case may lack sequences if it has FLAIR or T2; the loader zero-fills the others."""
     write_toy_dataset(tmp_path, layout, n=2)
@@ -166,7 +166,7 @@ def test_case_with_only_flair_and_t1ce_is_listed_and_loads_zero_filled(tmp_path,
     case, full = list_cases(tmp_path, check="full")
     assert case.case_id == cid and case.sequences == ("t1ce", "flair") and not case.complete
     assert full.sequences == MODALITIES and full.complete
-    suffixes, sep = SUFFIXES[layout]
+    suffixes, sep = LAYOUTS[layout].suffixes, LAYOUTS[layout].separator
     item = case.to_dict()
     assert item["sequences"] == ["t1ce", "flair"]
     assert [p.rsplit("/", 1)[1] for p in item["image"]] == [f"{cid}{sep}{suffixes[1]}.nii.gz", f"{cid}{sep}{suffixes[3]}.nii.gz"]
@@ -192,12 +192,12 @@ def test_case_with_only_flair_and_t1ce_is_listed_and_loads_zero_filled(tmp_path,
 
 
 def test_case_without_flair_and_t2_is_refused_naming_what_it_has(tmp_path):
-    write_toy_dataset(tmp_path, "2021", n=2)
-    _drop(tmp_path, "2021", 0, ("t2", "flair"))
+    write_toy_dataset(tmp_path, "brats2021", n=2)
+    _drop(tmp_path, "brats2021", 0, ("t2", "flair"))
     with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: has T1, T1ce; the model needs FLAIR or T2 \(missing modality t2, flair; expected "
                                              r"BraTS2021_00000_t2\.nii\.gz, BraTS2021_00000_flair\.nii\.gz"):
         list_cases(tmp_path)
-    _drop(tmp_path, "2021", 0, ("t1", "t1ce"))  # a segmentation alone is no case either
+    _drop(tmp_path, "brats2021", 0, ("t1", "t1ce"))  # a segmentation alone is no case either
     with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: has no image \(only a segmentation\); the model needs FLAIR or T2"):
         list_cases(tmp_path)
     # the loader refuses the same from a datalist entry
@@ -241,22 +241,22 @@ def test_zero_background_on_a_z_scored_nifti(tmp_path):
 
 
 def test_duplicated_modality(tmp_path):
-    write_toy_dataset(tmp_path, "2023", n=1)
-    d = first_case_dir(tmp_path, "2023")
+    write_toy_dataset(tmp_path, "brats2023", n=1)
+    d = first_case_dir(tmp_path, "brats2023")
     shutil.copy(d / "BraTS-GLI-00000-000-t2w.nii.gz", d / "copy-of-t2w.nii.gz")
     with pytest.raises(BraTSDataError, match=r"case BraTS-GLI-00000-000: duplicated 't2w' files"):
         list_cases(tmp_path)
 
 
 def test_shape_mismatch(tmp_path):
-    write_toy_dataset(tmp_path, "2021", n=1)
+    write_toy_dataset(tmp_path, "brats2021", n=1)
     nib.save(nib.Nifti1Image(np.zeros((12, 10, 9), np.int16), BRATS_AFFINE), first_case_dir(tmp_path) / "BraTS2021_00000_flair.nii.gz")
     with pytest.raises(BraTSDataError, match=r"case BraTS2021_00000: .*_flair\.nii\.gz has shape \(12, 10, 9\)"):
         list_cases(tmp_path)
 
 
 def test_affine_mismatch(tmp_path):
-    write_toy_dataset(tmp_path, "2021", n=1)
+    write_toy_dataset(tmp_path, "brats2021", n=1)
     shifted = BRATS_AFFINE.copy()
     shifted[2, 3] = 5.0
     nib.save(nib.Nifti1Image(toy_label(), shifted), first_case_dir(tmp_path) / "BraTS2021_00000_seg.nii.gz")
@@ -265,10 +265,10 @@ def test_affine_mismatch(tmp_path):
 
 
 def test_label_values_outside_convention(tmp_path):
-    write_toy_dataset(tmp_path, "2023", n=1)
-    lab = toy_label(layout="2023")
+    write_toy_dataset(tmp_path, "brats2023", n=1)
+    lab = toy_label(layout="brats2023")
     lab[0, 0, 0] = 4  # a BraTS 2021 ET value in a 2023 dataset
-    nib.save(nib.Nifti1Image(lab, BRATS_AFFINE), first_case_dir(tmp_path, "2023") / "BraTS-GLI-00000-000-seg.nii.gz")
+    nib.save(nib.Nifti1Image(lab, BRATS_AFFINE), first_case_dir(tmp_path, "brats2023") / "BraTS-GLI-00000-000-seg.nii.gz")
     list_cases(tmp_path)  # header checks pass
     with pytest.raises(BraTSDataError, match=r"case BraTS-GLI-00000-000: .*-seg\.nii\.gz: label values \[4\] are not in the brats2023"):
         list_cases(tmp_path, check="full")
@@ -301,7 +301,7 @@ def test_empty_and_unrecognised_folders(tmp_path):
 
 
 def test_unreadable_and_truncated_files(tmp_path):
-    write_toy_dataset(tmp_path, "2021", n=2)
+    write_toy_dataset(tmp_path, "brats2021", n=2)
     t2 = first_case_dir(tmp_path) / "BraTS2021_00000_t2.nii.gz"
     good = t2.read_bytes()
     t2.write_bytes(b"this is not a NIfTI file at all")
@@ -315,8 +315,8 @@ def test_unreadable_and_truncated_files(tmp_path):
 
 
 def test_check_cli_reports_layout_and_errors(tmp_path):
-    write_toy_dataset(tmp_path, "2023", n=2, unlabelled=1)
-    ok = subprocess.run([PYTHON, "-m", "custom.brats", str(tmp_path)], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    write_toy_dataset(tmp_path, "brats2023", n=2, unlabelled=1)
+    ok = subprocess.run([PYTHON, "-m", "custom.data", str(tmp_path)], cwd=REPO, env=run_env(), capture_output=True, text=True)
     assert ok.returncode == 0 and "layout brats2023, 2 cases (1 labelled)" in ok.stdout
-    bad = subprocess.run([PYTHON, "-m", "custom.brats", str(tmp_path / "missing")], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    bad = subprocess.run([PYTHON, "-m", "custom.data", str(tmp_path / "missing")], cwd=REPO, env=run_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -17,12 +17,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import PYTHON, REPO, run_env
-from custom.brats import CONVENTIONS, MODALITIES, list_cases
+
+from custom.data import CONVENTIONS, MODALITIES, list_cases
 from custom.metrics import HD95_ONE_EMPTY_MM, region_metrics
 from custom.synthetic import write_dataset
-from custom.transforms import LabelToRegions
 
 CONFIGS = REPO / "bundle" / "configs"
 TRAIN = str(CONFIGS / "train.json")
@@ -53,11 +52,11 @@ def bundle(*args: str, timeout: float = 600, check: bool = True, **popen) -> sub
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bundle_data")
     out = {}
-    for layout, n, unlabelled, seed in (("2021", 6, 1, 0), ("2023", 2, 1, 1), ("msd", 2, 1, 2)):
+    for layout, n, unlabelled, seed in (("brats2021", 6, 1, 0), ("brats2023", 2, 1, 1), ("msd", 2, 1, 2)):
         out[layout] = root / layout
         write_dataset(out[layout], n, seed=seed, layout=layout, size="small", unlabelled=unlabelled)
     out["heldout"] = root / "heldout"
-    write_dataset(out["heldout"], 2, seed=3, layout="2021", size="small")
+    write_dataset(out["heldout"], 2, seed=3, layout="brats2021", size="small")
     return out
 
 
@@ -66,7 +65,7 @@ def trained(data, tmp_path_factory) -> Path:
     """A bundle root with a briefly trained tiny model, tracked in MLflow."""
     root = tmp_path_factory.mktemp("trained")
     bundle("run", "training", "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", configs("train.json", "quick.json"),
-           "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(data["2021"]), "--bundle_root", str(root),
+           "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(data["brats2021"]), "--bundle_root", str(root),
            "--epochs", "2", *TINY, "--tracking", "mlflow", "--experiment_name", "tests")
     return root
 
@@ -119,7 +118,7 @@ def test_iterations_per_epoch_sets_the_epoch_length_and_the_lr_schedule(data, tm
 
     # 2 training cases, no validation (interval beyond the run)
     two_cases = {"train_datalist": "$datalist.select_fold(@datalist, @fold, validation=False)[:2]", "val_interval": 100, "epochs": 2}
-    wf = _train_workflow(data["2021"], tmp_path / "fixed", iterations_per_epoch=6, **two_cases)
+    wf = _train_workflow(data["brats2021"], tmp_path / "fixed", iterations_per_epoch=6, **two_cases)
     trainer, scheduler = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("lr_scheduler")
     assert len(wf.parser.get_parsed_content("train#dataloader")) == 2
     assert (scheduler.warmup_steps, scheduler.t_total) == (6, 12)  # warmup_epochs 1 and epochs 2, in iterations
@@ -136,7 +135,7 @@ def test_iterations_per_epoch_sets_the_epoch_length_and_the_lr_schedule(data, tm
     assert (saved["epoch_length"], saved["iteration"]) == (6, 12)
 
     # null: one pass over the training cases an epoch
-    wf = _train_workflow(data["2021"], tmp_path / "one_pass", iterations_per_epoch=None, **{**two_cases, "epochs": 1})
+    wf = _train_workflow(data["brats2021"], tmp_path / "one_pass", iterations_per_epoch=None, **{**two_cases, "epochs": 1})
     trainer, scheduler = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("lr_scheduler")
     wf.run()
     assert (trainer.state.iteration, trainer.state.epoch_length, scheduler.t_total) == (2, 2, 2)
@@ -144,7 +143,7 @@ def test_iterations_per_epoch_sets_the_epoch_length_and_the_lr_schedule(data, tm
 
 def test_resume_after_sigkill_continues_from_last_checkpoint(data, tmp_path):
     args = [PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", configs("train.json", "quick.json"),
-            "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(data["2021"]), "--bundle_root", str(tmp_path),
+            "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(data["brats2021"]), "--bundle_root", str(tmp_path),
             *TINY, "--val_interval", "10", "--tracking", "mlflow", "--experiment_name", "resume"]
     proc = subprocess.Popen([*args, "--epochs", "50"], cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -216,7 +215,7 @@ def test_region_metrics_follow_brats_conventions():
     assert region_metrics(pred, gt)["ET"] == {"dice": 0.0, "hd95": HD95_ONE_EMPTY_MM}  # one empty
 
 
-@pytest.mark.parametrize("layout", ["2021", "2023", "msd"])
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023", "msd"])
 def test_inference_writes_submission_files_in_each_layout(trained, data, layout, tmp_path):
     out = tmp_path / "pred"
     crf = [] if layout == "msd" else ["--use_crf", "true"]  # the CRF is off by default; the switch works from the command line
@@ -237,7 +236,7 @@ def test_inference_writes_submission_files_in_each_layout(trained, data, layout,
 
 def test_inference_output_is_in_the_input_grid_for_reoriented_inputs(trained, data, tmp_path):
     """A case stored in RAS (not BraTS's LPS) comes back in its own grid, not the network's."""
-    src = list_cases(data["2021"])[0]
+    src = list_cases(data["brats2021"])[0]
     case_dir = tmp_path / "ras" / src.case_id
     case_dir.mkdir(parents=True)
     for path in (*src.images, src.label):
@@ -254,7 +253,7 @@ def test_inference_output_is_in_the_input_grid_for_reoriented_inputs(trained, da
 def test_torchrun_two_processes_gloo(data, tmp_path):
     cmd = ["torchrun", "--nproc_per_node=2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "monai.bundle", "run", "training",
            "--config_file", configs("train.json", "multi_gpu_train.json", "quick.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-           "--dataset_dir", str(data["2021"]), "--bundle_root", str(tmp_path), "--epochs", "2", *TINY]
+           "--dataset_dir", str(data["brats2021"]), "--bundle_root", str(tmp_path), "--epochs", "2", *TINY]
     env = run_env()
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -267,11 +266,11 @@ def test_torchrun_two_processes_gloo(data, tmp_path):
 
 
 def test_unet_baseline_trains_with_the_same_pipeline(data, tmp_path):
-    bundle("run", "training", "--config_file", configs("train.json", "unet.json", "quick.json"), "--dataset_dir", str(data["2021"]),
+    bundle("run", "training", "--config_file", configs("train.json", "unet.json", "quick.json"), "--dataset_dir", str(data["brats2021"]),
            "--bundle_root", str(tmp_path), "--epochs", "1", *TINY)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert any(k.startswith("model.") for k in state["model"]) and not any("swinViT" in k for k in state["model"])
-    assert state["network"]["_target_"] == "monai.networks.nets.unet.UNet"
+    assert state["network"]["_target_"] == "monai.networks.nets.UNet"
 
 
 def test_metadata_network_and_export_commands(trained, tmp_path):
@@ -325,7 +324,7 @@ def test_inference_on_missing_sequences_and_a_z_scored_background(untrained, tmp
     header `descrip`, log line); a z-scored case whose background is -4.5 (below every brain voxel) gives the same prediction as
     the same case with a 0 background (ZeroBackgroundd right after loading)."""
     src = tmp_path / "src"
-    write_dataset(src, 1, seed=4, layout="2021", size="small")
+    write_dataset(src, 1, seed=4, layout="brats2021", size="small")
     data = tmp_path / "data"
     cid = "BraTS2021_00000"
     shutil.copytree(src / cid, data / cid)

@@ -1,5 +1,5 @@
 """Weights that do not fit the configured network are refused at load, naming both; checkpoints and
-exported weights record the network settings they were trained with (custom/checkpoints.py, the
+exported weights record the network settings they were trained with (custom/handlers/checkpoints.py, the
 bundle's CheckedCheckpointLoader, tools/export_weights.py, the MONAI Label train task's pre-check).
 
 Real checkpoint files of tiny networks (feature_size 12 or 24, depths [1, 1, 1, 1] or [2, 2, 2, 2], the
@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,9 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from custom.checkpoints import NetworkRecord, WeightsMismatchError
+from custom.handlers.checkpoints import NetworkRecord, WeightsMismatchError
+from devtools import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 SHIPPED = REPO / "bundle" / "models" / "model.pt"
 
@@ -52,8 +51,7 @@ def _save(path: Path, *configs: str, record: bool = True, **overrides) -> dict:
 def _load(path: Path, *configs: str, **overrides) -> torch.nn.Module:
     """Run the checkpoint loader of ``inference.json`` (+ ``configs``) on ``path``; returns the loaded network."""
     parser = _parser("inference.json", *configs, ckpt_path=str(path), **overrides)
-    index = next(i for i, h in enumerate(parser["handlers"]) if "CheckpointLoader" in str(h.get("_target_")))
-    parser.get_parsed_content(f"handlers#{index}")(Engine(lambda engine, batch: None))
+    parser.get_parsed_content("checkpoint_loader")(Engine(lambda engine, batch: None))
     return parser.get_parsed_content("network")
 
 
@@ -141,9 +139,8 @@ def test_strict_false_loads_weights_without_the_new_layers(tmp_path, caplog):
                                                              "squeeze_excitation True")):
         _load(path)
     parser = _parser("inference.json", ckpt_path=str(path))
-    index = next(i for i, h in enumerate(parser["handlers"]) if "CheckpointLoader" in str(h.get("_target_")))
-    parser[f"handlers#{index}#strict"] = False
-    parser.get_parsed_content(f"handlers#{index}")(Engine(lambda engine, batch: None))
+    parser["checkpoint_loader#strict"] = False
+    parser.get_parsed_content("checkpoint_loader")(Engine(lambda engine, batch: None))
     assert re.search(r"strict off: \d+ of the network's \d+ tensors loaded, 60 keep their initial values, 0 of the weights unused", caplog.text)
 
 
@@ -165,9 +162,9 @@ def test_every_checkpoint_loader_checks_the_network():
         walk(json.loads(config.read_text()))
     assert len(loaders) == 3  # inference.json, evaluate.json, train.json's resume_loader
     for loader in loaders:
-        assert loader["_target_"] == "custom.checkpoints.CheckedCheckpointLoader" and loader["network_settings"] == "@network_settings"
+        assert loader["_target_"] == "custom.handlers.checkpoints.CheckedCheckpointLoader" and loader["network_settings"] == "@network_settings"
     trainer = (REPO / "monailabel_app" / "lib" / "trainers" / "brats_bundle.py").read_text()
-    assert '"_target_": "custom.checkpoints.CheckedCheckpointLoader"' in trainer and '"_target_": "CheckpointLoader"' not in trainer
+    assert '"_target_": "custom.handlers.checkpoints.CheckedCheckpointLoader"' in trainer and '"_target_": "CheckpointLoader"' not in trainer
     train = json.loads((CONFIGS / "train.json").read_text())
     assert train["train"]["checkpointer"]["save_dict"]["network"] == train["validate"]["best_model_saver"]["save_dict"]["network"] == "@network_record"
 
@@ -212,8 +209,6 @@ class _Datastore:
 
 
 def test_app_fine_tuning_refuses_weights_that_do_not_fit_before_training(tmp_path):
-    if str(REPO / "monailabel_app") not in sys.path:
-        sys.path.insert(0, str(REPO / "monailabel_app"))  # the app's own `lib` package, as the launcher does
     from lib.trainers import BraTSBundleTrain
 
     shutil.copytree(CONFIGS, tmp_path / "bundle" / "configs")

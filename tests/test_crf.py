@@ -1,4 +1,4 @@
-"""The dense CRF post-processing transform (custom.crf.DenseCRFd) on small synthetic volumes."""
+"""The dense CRF post-processing transform (custom.transforms.crf.DenseCRFd) on small synthetic volumes."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, write_toy_dataset
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import AsDiscreted
 from scipy import ndimage as ndi
 
-from conftest import REPO, write_toy_dataset
-from custom.crf import DenseCRFd, classes_to_regions, crf_voxel_mask, regions_to_classes
 from custom.transforms import RegionsToLabeld
+from custom.transforms.crf import DenseCRFd, classes_to_regions, crf_voxel_mask, regions_to_classes
 
 # The post-processing entry of bundle/configs/inference.json and evaluate.json (between Activationsd and Invertd).
 CRF_COMPONENT = {
-    "_target_": "custom.crf.DenseCRFd",
-    "_disabled_": "$str(@use_crf).lower() not in ('true', '1')",
+    "_target_": "custom.transforms.crf.DenseCRFd",
+    "_disabled_": "$not monai.utils.str2bool(@use_crf)",
     "keys": "pred",
     "image_key": "image",
 }
@@ -294,16 +294,17 @@ def test_config_switch_drops_disabled_component(use_crf, present):
 
 
 def test_bundle_configs_hold_this_crf_entry_before_invertd():
-    for name, key in (("inference.json", "postprocessing"), ("evaluate.json", "validate#postprocessing")):
-        transforms = json.loads((REPO / "bundle" / "configs" / name).read_text())[key]["transforms"]
-        assert transforms[1] == CRF_COMPONENT and transforms[2]["_target_"] == "Invertd", name
+    inference = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
+    assert inference["crf"] == CRF_COMPONENT and inference["postprocessing"]["transforms"].index("@crf") < inference["postprocessing"]["transforms"].index("@invert")
+    transforms = json.loads((REPO / "bundle" / "configs" / "evaluate.json").read_text())["validate#postprocessing"]["transforms"]
+    assert transforms[1] == CRF_COMPONENT and transforms[2]["_target_"] == "Invertd"
 
 
 def test_bundle_postprocessing_before_invertd(tmp_path):
     """The real inference.json chain with the CRF inserted after Activationsd: the CRF sees the
     prediction and the preprocessed image on one grid, and Invertd/SaveImaged still work."""
     data = tmp_path / "data"
-    write_toy_dataset(data, "2021", n=1, shape=(24, 20, 16))
+    write_toy_dataset(data, "brats2021", n=1, shape=(24, 20, 16))
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
     parser["dataset_dir"] = str(data)

@@ -1,6 +1,6 @@
 """BraTS studies as DICOM in a real PACS (Orthanc), the app's DICOMweb datastore, DICOM SEG results, OHIF.
 
-- converter (custom.dicom): a BraTS case -> a four-series MR study; read back with SimpleITK (GDCM)
+- converter (tools/nifti_to_dicom.py): a BraTS case -> a four-series MR study; read back with SimpleITK (GDCM)
   and MONAI ``LoadImage`` (ITK) on the series folder: same voxels at the same world positions,
   also for oblique, left-handed and float volumes; series-description rules;
 - Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``, installed when missing, started on a free
@@ -36,27 +36,24 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from custom.brats import BraTSCase, LAYOUTS, MODALITIES
-from custom.debian import AptUnavailable, apt_install
-from custom.dicom import (
-    SERIES_DESCRIPTIONS,
+from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, BraTSCase, load_case
+from custom.data.dicom_series import SeriesMatchError, classify, match_series, parse_rules
+from custom.synthetic import write_dataset
+from custom.synthetic.fields import rotation
+from devtools import REPO
+from devtools.debian import AptUnavailable, apt_install
+from devtools.orthanc import Orthanc
+from tools.nifti_to_dicom import (
     DicomConversionError,
-    SeriesMatchError,
-    classify,
     convert_case,
-    load_case,
-    main as dicom_main,
-    match_series,
-    parse_rules,
     plane_geometry,
     stow,
     write_study,
 )
-from custom.orthanc import Orthanc
-from custom.synthetic import write_dataset
-from custom.synthetic.fields import rotation
+from tools.nifti_to_dicom import (
+    main as dicom_main,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "monailabel_app"
 VENV_BIN = Path(sys.executable).parent
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -66,7 +63,6 @@ MODEL = "brats"
 STARTUP_TIMEOUT = 180
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-sys.path.insert(0, str(APP))  # the app's own `lib` package, as the launcher does
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -120,7 +116,7 @@ def synth(tmp_path_factory) -> Path:
     """Two synthetic BraTS 2021 cases (small grid, int16, every label: seed 7; float styles reach DICOM through a
     rescale slope, not bit-exact) and an MSD copy of case 0."""
     root = tmp_path_factory.mktemp("dicom_synth")
-    write_dataset(root / "brats2021", 2, seed=7, layout="2021", size="small")
+    write_dataset(root / "brats2021", 2, seed=7, layout="brats2021", size="small")
     write_dataset(root / "msd", 1, seed=7, layout="msd", size="small")
     return root
 
@@ -145,7 +141,7 @@ def test_case_to_study_four_series_geometry_and_voxels(synth, tmp_path):
         assert {h.StudyInstanceUID for h in headers} == {info.study_uid}
         assert {h.FrameOfReferenceUID for h in headers} == {info.frame_of_reference_uid}
         assert {h.SeriesInstanceUID for h in headers} == {s.series_uid}
-        assert {h.SeriesDescription for h in headers} == {SERIES_DESCRIPTIONS[m]} and {h.Modality for h in headers} == {"MR"}
+        assert {h.SeriesDescription for h in headers} == {SEQUENCE_NAMES[m]} and {h.Modality for h in headers} == {"MR"}
         h = headers[0]
         assert [float(x) for x in h.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # BraTS voxel axes point to L, P (LPS +x, +y)
         assert [float(x) for x in h.PixelSpacing] == [2.5, 2.5] and float(h.SliceThickness) == 2.5
@@ -284,7 +280,7 @@ def _install(what: str, fn) -> float:
 @pytest.fixture(scope="module")
 def orthanc():
     """A real Orthanc on a free loopback port with the project's config and a temporary database."""
-    from custom.orthanc import ensure_installed
+    from devtools.orthanc import ensure_installed
 
     _install("Orthanc", ensure_installed)
     with Orthanc() as pacs:
@@ -317,7 +313,7 @@ def test_orthanc_stores_and_lists_the_study(orthanc, uploaded, synth, tmp_path):
     full = uploaded["full"]
     series = _qido(orthanc, f"studies/{full.study_uid}/series")
     found = {s["0008103E"]["Value"][0]: s["0020000E"]["Value"][0] for s in series}
-    assert found == {SERIES_DESCRIPTIONS[m]: s.series_uid for m, s in full.series.items()}
+    assert found == {SEQUENCE_NAMES[m]: s.series_uid for m, s in full.series.items()}
     assert all(s["00201209"]["Value"][0] == 62 for s in series)  # NumberOfSeriesRelatedInstances
     # the CLI uploads too; re-uploading the same case adds nothing (same UIDs)
     before = requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"]
@@ -518,7 +514,7 @@ def _stop(proc):
 @pytest.fixture(scope="module")
 def server(orthanc, uploaded, tmp_path_factory):
     """``monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`` (Orthanc), shipped model, crf off."""
-    from custom.orthanc import free_port
+    from devtools.orthanc import free_port
 
     tmp = tmp_path_factory.mktemp("mlapp_dicomweb")
     bundle_root = _bundle_copy(tmp / "bundle")
@@ -585,7 +581,7 @@ def test_server_info_lists_the_study_and_its_labels(server, uploaded):
     r = requests.get(f"{server['url']}/datastore/image/info", params={"image": uploaded["full"].study_uid}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["SeriesInstanceUID"] == uploaded["full"].series["flair"].series_uid
-    assert r.json()["series"] == {SERIES_DESCRIPTIONS[m]: s.series_uid for m, s in uploaded["full"].series.items()}
+    assert r.json()["series"] == {SEQUENCE_NAMES[m]: s.series_uid for m, s in uploaded["full"].series.items()}
 
 
 def test_infer_on_dicom_study_stores_a_seg_matching_the_nifti_inference(server, orthanc, uploaded, synth, tmp_path):
@@ -709,8 +705,7 @@ def _click(b, xy, count=1):
 
 
 def _browser(chromium, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cdp import Browser
+    from devtools.cdp import Browser
 
     b = Browser(chromium, tmp_path / "profile")
     b.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
@@ -718,7 +713,7 @@ def _browser(chromium, tmp_path):
 
 
 def test_ohif_shows_the_seg_over_the_flair(server, uploaded, chromium, tmp_path):
-    """OHIF's basic viewer, driven over the DevTools protocol (tests/cdp.py): open the DICOM SEG of
+    """OHIF's basic viewer, driven over the DevTools protocol (devtools/cdp.py): open the DICOM SEG of
     the inference, OHIF loads the FLAIR it references, the segmentation panel lists the segments
     by label name, jumping to a segment shows it coloured over the FLAIR. Screenshot:
     tests/artifacts/ohif_seg_overlay.png."""
@@ -788,6 +783,6 @@ def test_ohif_monai_label_panel_runs_the_model_on_the_study(server, uploaded, ch
         log = b.console()
         posts = [line for line in log if "POST:: " in line and "/infer/brats?image=" in line]
         assert posts and uploaded["full"].series["t1"].series_uid in posts[0], posts
-        assert done, f"OHIF did not load the result; console: {[l for l in log if 'rror' in l][-10:]}"
+        assert done, f"OHIF did not load the result; console: {[line for line in log if 'rror' in line][-10:]}"
         time.sleep(2)
         b.screenshot(ARTIFACTS / "ohif_monai_label_run.png")

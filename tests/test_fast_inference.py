@@ -1,4 +1,4 @@
-"""``custom.fast_inference``: the grouped shifted-window masks equal MONAI's dense mask, and an
+"""``custom.networks.fast_inference``: the grouped shifted-window masks equal MONAI's dense mask, and an
 accelerated network keeps its parameters and computes what the MONAI network computes (to float32
 rounding with gradients off, bit for bit with gradients on)."""
 
@@ -11,9 +11,8 @@ import torch
 from monai.networks.nets import SwinUNETR, UNet
 from monai.networks.nets.swin_unetr import compute_mask
 
-from custom.fast_inference import (FastBasicLayer, FastPointwiseConv3d, FastUpsampleConvTranspose3d, FastWindowAttention,
-                                   accelerate, window_groups)
 from custom.networks import SwinUNETRAttSE
+from custom.networks.fast_inference import FastBasicLayer, FastPointwiseConv3d, FastUpsampleConvTranspose3d, FastWindowAttention, accelerate, window_groups
 
 
 @pytest.mark.parametrize("dims,shift", [((35, 35, 35), (3, 3, 3)), ((70, 63, 42), (3, 3, 3)), ((14, 7, 21), (3, 0, 3)),

@@ -15,7 +15,7 @@ from conftest import REPO, run_env
 
 def test_load_script_small_run(tmp_path):
     out = tmp_path / "load.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "load_test.py"), "--start-server", "--workdir", str(tmp_path / "work"),
+    cmd = [sys.executable, "-m", "benchmarks.load_test", "--start-server", "--workdir", str(tmp_path / "work"),
            "--cases", "3", "--requests", "60", "--warmup", "16", "--concurrency", "16", "--label-fraction", "0.9", "--train",
            "--max-growth-mb-per-request", "1.0", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)

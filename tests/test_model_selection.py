@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from conftest import REPO
 from custom.metrics import region_dice
 
 CONFIGS = REPO / "bundle" / "configs"
@@ -44,8 +44,8 @@ def test_selection_metric_scores_empty_masks_like_the_evaluation(configs, metric
     handler.attach(engine, "score")
     engine.run(batches, max_epochs=1)
     if metric.endswith("val_dice_et"):
-        expected = sum(region_dice(p, l)["ET"] for p, l in _cases()) / 3
+        expected = sum(region_dice(p, lab)["ET"] for p, lab in _cases()) / 3
     else:
-        expected = sum(sum(region_dice(p, l).values()) / 3 for p, l in _cases()) / 3
+        expected = sum(sum(region_dice(p, lab).values()) / 3 for p, lab in _cases()) / 3
     assert engine.state.metrics["score"] == pytest.approx(expected)
     assert expected == pytest.approx(2 / 3 if metric.endswith("val_dice_et") else 8 / 9)  # the no-ET case counts as 1 for ET

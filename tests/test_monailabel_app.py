@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,13 +21,10 @@ import numpy as np
 import pytest
 import requests
 
-import mlapp_server  # (server launcher shared with test_server_safety.py and benchmarks/load_test.py)
-from mlapp_server import APP, CONFIGS, MODEL, OVERRIDES, REPO  # noqa: F401
-
-sys.path.insert(0, str(APP))  # the app's own `lib` package, as the launcher does
-from lib.infers.brats_bundle import BraTSBundleInfer  # noqa: E402
-
 from custom.synthetic import write_dataset  # noqa: E402
+from devtools import mlapp_server
+from devtools.mlapp_server import APP, CONFIGS, MODEL, OVERRIDES, REPO  # noqa: F401
+from lib.infers.brats_bundle import BraTSBundleInfer  # noqa: E402
 
 
 def _sha(path) -> str:
@@ -75,7 +71,7 @@ def brats_server(tmp_path_factory):
     has only FLAIR and T1ce (issue #13: cases with missing sequences)."""
     tmp = tmp_path_factory.mktemp("mlapp_brats")
     studies = tmp / "brats"
-    write_dataset(studies, 5, seed=0, layout="2021", size="small", unlabelled=2)
+    write_dataset(studies, 5, seed=0, layout="brats2021", size="small", unlabelled=2)
     for m in ("t1", "t2"):
         (studies / PARTIAL / f"{PARTIAL}_{m}.nii.gz").unlink()
     originals = {p: _sha(p) for p in studies.rglob("*.nii.gz")}
@@ -245,9 +241,9 @@ def test_bad_labels_and_ids_are_refused_with_4xx(msd_server):
 def _save_wide_weights(bundle_root: Path, path: Path) -> None:
     """Weights of the served configs at feature_size 24 (the server's: 12), with their settings, written atomically at ``path``."""
     import torch
-    from lib.bundle_config import load_bundle_config
 
-    from custom.checkpoints import NetworkRecord
+    from custom.handlers.checkpoints import NetworkRecord
+    from lib.bundle_config import load_bundle_config
 
     parser = load_bundle_config(str(bundle_root), CONFIGS.split(","), {**OVERRIDES, "feature_size": 24})
     network = parser.get_parsed_content("network_def")
@@ -468,7 +464,7 @@ def test_segment_map_refuses_background_index_and_shared_indices():
     """Slicer's ``label_info``: an entry mapping index 0 (background) or reusing an index is a 422, not a silent relabel."""
     from fastapi import HTTPException
 
-    from custom.brats import CONVENTIONS
+    from custom.data import CONVENTIONS
     from lib.datastore.brats import remap_segments
 
     conv = CONVENTIONS["brats2021"]

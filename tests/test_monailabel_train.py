@@ -10,19 +10,16 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "monailabel_app"))  # the app's own `lib` package, as the launcher does
-from lib.trainers import BraTSBundleTrain  # noqa: E402
+from monailabel.datastore.local import LocalDatastore  # noqa: E402
 
 from custom.synthetic import write_dataset  # noqa: E402
-from monailabel.datastore.local import LocalDatastore  # noqa: E402
+from devtools import REPO
+from lib.trainers import BraTSBundleTrain  # noqa: E402
 
 CONFIGS = ["train.json", "quick.json"]
 # tests/test_bundle.py's TINY settings, and the datastore's 4D MSD studies

@@ -16,8 +16,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from custom.synthetic import write_dataset
+from devtools import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "bundle" / "models"
 RECORD = MODELS / "model.json"
 INFERENCE = REPO / "bundle" / "configs" / "inference.json"
@@ -64,7 +64,7 @@ def generated(tmp_path_factory):
     and a copy of the same cases with only FLAIR and T1ce."""
     root = tmp_path_factory.mktemp("shipped")
     full, two = root / "full", root / "flair_t1ce"
-    write_dataset(full, 2, seed=99, layout="2021", size="medium")
+    write_dataset(full, 2, seed=99, layout="brats2021", size="medium")
     for case in sorted(full.iterdir()):
         (two / case.name).mkdir(parents=True)
         for f in case.iterdir():

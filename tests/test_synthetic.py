@@ -11,10 +11,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import PYTHON, REPO, run_env
 from scipy import ndimage as ndi
 
-from conftest import PYTHON, REPO, run_env
-from custom import render, synthetic as syn
+from custom import render
+from custom import synthetic as syn
+from custom.data import MODALITIES, load_case
+from tools.render_case import main as render_cli
 
 SMALL, MEDIUM, FULL = (96, 96, 62), (120, 120, 78), (240, 240, 155)
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
@@ -42,7 +45,7 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     """Small datasets of SEED in the three layouts: 2021 (3 cases, last unlabelled), 2023 (2), msd (3, last unlabelled)."""
     root = tmp_path_factory.mktemp("synth")
     out = {}
-    for layout, n, k in (("2021", 3, 1), ("2023", 2, 0), ("msd", 3, 1)):
+    for layout, n, k in (("brats2021", 3, 1), ("brats2023", 2, 0), ("msd", 3, 1)):
         out[layout] = root / layout
         ids = syn.write_dataset(out[layout], n, SEED, layout, "small", unlabelled=k)
         assert ids == [syn.case_id(layout, i) for i in range(n)]
@@ -57,21 +60,21 @@ def _check_header(img, shape, dtype, affine):
     np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["2021", "2023"])
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
 def test_brats_layout_files_and_headers(datasets, cases, layout):
     root = datasets[layout]
-    n = 3 if layout == "2021" else 2
-    names = {"2021": ["t1", "t1ce", "t2", "flair"], "2023": ["t1n", "t1c", "t2w", "t2f"]}[layout]
-    sep = "_" if layout == "2021" else "-"
-    ids = [f"BraTS2021_{i:05d}" if layout == "2021" else f"BraTS-GLI-{i:05d}-000" for i in range(n)]
+    n = 3 if layout == "brats2021" else 2
+    names = {"brats2021": ["t1", "t1ce", "t2", "flair"], "brats2023": ["t1n", "t1c", "t2w", "t2f"]}[layout]
+    sep = "_" if layout == "brats2021" else "-"
+    ids = [f"BraTS2021_{i:05d}" if layout == "brats2021" else f"BraTS-GLI-{i:05d}-000" for i in range(n)]
     assert sorted(p.name for p in root.iterdir()) == ids
     for i, cid in enumerate(ids):
         images, seg, _, maps = cases[i]
         dtype = STYLE_DTYPES[maps["info"]["style"]]
-        labelled = not (layout == "2021" and i == n - 1)
+        labelled = not (layout == "brats2021" and i == n - 1)
         expected = {f"{cid}{sep}{m}.nii.gz" for m in names} | ({f"{cid}{sep}seg.nii.gz"} if labelled else set())
         assert {p.name for p in (root / cid).iterdir()} == expected
-        for m, name in zip(syn.MODALITIES, names):
+        for m, name in zip(MODALITIES, names):
             img = nib.load(root / cid / f"{cid}{sep}{name}.nii.gz")
             _check_header(img, SMALL, dtype, syn.grid_affine("small"))
             np.testing.assert_array_equal(np.asarray(img.dataobj), images[m])  # the files hold generate_case's arrays
@@ -79,7 +82,7 @@ def test_brats_layout_files_and_headers(datasets, cases, layout):
             lab = nib.load(root / cid / f"{cid}{sep}seg.nii.gz")
             _check_header(lab, SMALL, np.uint8, syn.grid_affine("small"))
             lab = np.asarray(lab.dataobj)
-            allowed = {0, 1, 2, 4} if layout == "2021" else {0, 1, 2, 3}
+            allowed = {0, 1, 2, 4} if layout == "brats2021" else {0, 1, 2, 3}
             assert set(np.unique(lab).tolist()) <= allowed and {0, 2} <= set(np.unique(lab).tolist())
             np.testing.assert_array_equal(lab, syn.encode_labels(seg, layout))
 
@@ -138,7 +141,7 @@ def test_full_size_case_centred_and_same_tumour_as_small(cases):
     info, small = maps["info"], cases[0][3]["info"]
     np.testing.assert_array_equal(affine, BRATS_AFFINE)
     assert seg.shape == FULL and seg.dtype == np.uint8
-    for m in syn.MODALITIES:
+    for m in MODALITIES:
         assert images[m].shape == FULL and images[m].dtype == STYLE_DTYPES[info["style"]]
     for k in ("wm", "gm", "csf"):
         assert maps[k].shape == FULL and maps[k].dtype == np.float32
@@ -169,7 +172,7 @@ def test_images_labels_masks_and_styles(cases):
         remnant += int((kept & ~brain).sum())  # non-brain tissue left on by the skull stripping
         cut += int((brain & ~kept).sum())  # cortex cut away by it
         style = info["style"]
-        for m in syn.MODALITIES:
+        for m in MODALITIES:
             img = images[m]
             assert img.shape == SMALL and img.dtype == STYLE_DTYPES[style], (i, m)
             assert np.all(np.isfinite(img))
@@ -190,7 +193,7 @@ def test_images_labels_masks_and_styles(cases):
         assert 0 < tc.sum() < wt.sum() and (seg == syn.ED).any()
         touching = tc & ndi.binary_dilation(seg == 0)  # few core voxels touch background
         assert touching.sum() <= 0.25 * tc.sum(), i
-        assert set(info["artefacts"]) == set(syn.MODALITIES)
+        assert set(info["artefacts"]) == set(MODALITIES)
         assert all(set(a) <= ARTEFACTS for a in info["artefacts"].values())
     assert remnant > 0 and cut > 0
 
@@ -228,7 +231,7 @@ def test_contrasts_of_cases_with_drawn_contrasts(cases):
         # differences of means: holds for every intensity style (z-scoring keeps the order)
         mean = {m: {k: float(images[m][r].mean()) for k, r in (("wm", wm), ("gm", gm), ("csf", csf), ("ed", ed),
                                                                 ("ncr", ncr), ("et", et)) if r.any()}
-                for m in syn.MODALITIES}
+                for m in MODALITIES}
         t1, t2, flair, t1ce = mean["t1"], mean["t2"], mean["flair"], mean["t1ce"]
         assert t1["wm"] > t1["gm"] > t1["csf"], i
         assert t2["csf"] > t2["gm"] > t2["wm"], i
@@ -241,14 +244,14 @@ def test_contrasts_of_cases_with_drawn_contrasts(cases):
 
 
 def test_reproducible_bytes_and_independent_of_case_count(datasets, cases, tmp_path):
-    ref = _digest(datasets["2021"])
-    syn.write_dataset(tmp_path / "again", 1, SEED, "2021", "small")
+    ref = _digest(datasets["brats2021"])
+    syn.write_dataset(tmp_path / "again", 1, SEED, "brats2021", "small")
     again = _digest(tmp_path / "again")
     assert again and all(ref[k] == v for k, v in again.items())  # case 0 is the same when writing 1 or 3 cases
     raw = (tmp_path / "again" / "BraTS2021_00000" / "BraTS2021_00000_t1.nii.gz").read_bytes()
     assert raw[:2] == b"\x1f\x8b" and raw[4:8] == b"\0\0\0\0" and not raw[3] & 0x08  # mtime 0, no file name
     assert len(gzip.decompress(raw)) > 352
-    syn.write_dataset(tmp_path / "other", 1, SEED + 1, "2021", "small")
+    syn.write_dataset(tmp_path / "other", 1, SEED + 1, "brats2021", "small")
     other = _digest(tmp_path / "other")
     assert all(ref[k] != v for k, v in other.items())
     # different case indices differ
@@ -258,15 +261,15 @@ def test_reproducible_bytes_and_independent_of_case_count(datasets, cases, tmp_p
     images, seg, _, maps = syn.generate_case(1, SEED, "small", return_maps=True)
     images0, seg0, _, maps0 = cases[1]
     np.testing.assert_array_equal(seg, seg0)
-    for m in syn.MODALITIES:
+    for m in MODALITIES:
         assert images[m].tobytes() == images0[m].tobytes()
     assert maps["info"] == maps0["info"]
 
 
 def test_workers_write_the_same_bytes(datasets, tmp_path):
-    ids = syn.write_dataset(tmp_path / "w2", 3, SEED, "2021", "small", unlabelled=1, workers=2)
-    assert ids == [syn.case_id("2021", i) for i in range(3)]
-    assert _digest(tmp_path / "w2") == _digest(datasets["2021"])  # written with workers=1
+    ids = syn.write_dataset(tmp_path / "w2", 3, SEED, "brats2021", "small", unlabelled=1, workers=2)
+    assert ids == [syn.case_id("brats2021", i) for i in range(3)]
+    assert _digest(tmp_path / "w2") == _digest(datasets["brats2021"])  # written with workers=1
 
 
 def test_refuses_a_different_dataset_and_overwrites_own(tmp_path):
@@ -275,21 +278,21 @@ def test_refuses_a_different_dataset_and_overwrites_own(tmp_path):
     foreign = out / "BraTS2021_00007" / "BraTS2021_00007_t1.nii.gz"
     foreign.write_bytes(b"not ours")
     with pytest.raises(FileExistsError, match="BraTS2021_00007_t1.nii.gz"):
-        syn.write_dataset(out, 1, 0, "2021", "small")
+        syn.write_dataset(out, 1, 0, "brats2021", "small")
     assert foreign.read_bytes() == b"not ours" and not (out / "BraTS2021_00000").exists()
     foreign.unlink()
     (out / "notes.txt").write_text("keep me")  # unrelated files are fine and left alone
-    syn.write_dataset(out, 2, 0, "2023", "small")
-    syn.write_dataset(out, 2, 1, "2023", "small")  # same files: overwriting is fine
+    syn.write_dataset(out, 2, 0, "brats2023", "small")
+    syn.write_dataset(out, 2, 1, "brats2023", "small")  # same files: overwriting is fine
     assert (out / "notes.txt").read_text() == "keep me"
     with pytest.raises(FileExistsError):  # a different layout is a different dataset
-        syn.write_dataset(out, 1, 0, "2021", "small")
+        syn.write_dataset(out, 1, 0, "brats2021", "small")
     with pytest.raises(FileExistsError):  # fewer cases would leave stale ones behind
-        syn.write_dataset(out, 1, 0, "2023", "small")
+        syn.write_dataset(out, 1, 0, "brats2023", "small")
     with pytest.raises(ValueError):
-        syn.write_dataset(tmp_path / "x", 2, 0, "2021", "small", unlabelled=3)
+        syn.write_dataset(tmp_path / "x", 2, 0, "brats2021", "small", unlabelled=3)
     with pytest.raises(ValueError):
-        syn.write_dataset(tmp_path / "x", 1, 0, "2021", "tiny")
+        syn.write_dataset(tmp_path / "x", 1, 0, "brats2021", "tiny")
     with pytest.raises(ValueError):
         syn.generate_case(-1, 0, "small")
     assert not (tmp_path / "x").exists()
@@ -298,10 +301,10 @@ def test_refuses_a_different_dataset_and_overwrites_own(tmp_path):
 def test_cli_medium_with_workers(tmp_path):
     out = tmp_path / "cli"
     cmd = [PYTHON, "-m", "custom.synthetic", "--out", str(out), "--cases", "2", "--seed", "3",
-           "--layout", "2023", "--size", "medium", "--workers", "2", "--unlabelled", "1"]
+           "--layout", "brats2023", "--size", "medium", "--workers", "2", "--unlabelled", "1"]
     r = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "wrote 2 2023 cases (medium)" in r.stdout
+    assert "wrote 2 brats2023 cases (medium)" in r.stdout
     assert sorted(p.name for p in (out / "BraTS-GLI-00000-000").iterdir()) == [
         f"BraTS-GLI-00000-000-{m}.nii.gz" for m in ("seg", "t1c", "t1n", "t2f", "t2w")]
     assert sorted(p.name for p in (out / "BraTS-GLI-00001-000").iterdir()) == [
@@ -327,17 +330,17 @@ def _is_png(path: Path) -> bool:
 
 
 def test_render_2021_folder_msd_file_and_unlabelled(datasets, tmp_path):
-    assert render.main([str(datasets["2021"] / "BraTS2021_00000"), "--out", str(tmp_path / "a.png")]) == 0
+    assert render_cli([str(datasets["brats2021"] / "BraTS2021_00000"), "--out", str(tmp_path / "a.png")]) == 0
     assert _is_png(tmp_path / "a.png")
-    assert render.main([str(datasets["msd"] / "imagesTr" / "BRATS_001.nii.gz"), "--out", str(tmp_path / "b.png")]) == 0
+    assert render_cli([str(datasets["msd"] / "imagesTr" / "BRATS_001.nii.gz"), "--out", str(tmp_path / "b.png")]) == 0
     assert _is_png(tmp_path / "b.png")
-    images, label, _, conv = render.load_case(datasets["msd"] / "imagesTr" / "BRATS_001.nii.gz")
-    assert conv == "msd" and label is not None and set(images) == {"t1", "t1ce", "t2", "flair"}
-    images, label, _, conv = render.load_case(datasets["2023"] / "BraTS-GLI-00001-000")
-    assert conv == "2023" and label is not None
-    images, label, _, _ = render.load_case(datasets["2021"] / "BraTS2021_00002")  # unlabelled (z-scored)
-    assert label is None
-    render.render_case(images, None, tmp_path / "c.png")
+    case, volumes = load_case(datasets["msd"] / "imagesTr" / "BRATS_001.nii.gz")  # the data layer finds the MSD label
+    assert case.layout.name == "msd" and case.label is not None and set(volumes) == set(MODALITIES)
+    case, _ = load_case(datasets["brats2023"] / "BraTS-GLI-00001-000")
+    assert case.layout.name == "brats2023" and case.label is not None
+    case, volumes = load_case(datasets["brats2021"] / "BraTS2021_00002")  # unlabelled (z-scored)
+    assert case.label is None
+    render.render_case({m: v for m, (v, _) in volumes.items()}, None, tmp_path / "c.png")
     assert _is_png(tmp_path / "c.png")
     with pytest.raises(SystemExit):
-        render.main([str(tmp_path / "missing"), "--out", str(tmp_path / "d.png")])
+        render_cli([str(tmp_path / "missing"), "--out", str(tmp_path / "d.png")])

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import requests
-
 from conftest import PYTHON, REPO, run_env
-from custom.synthetic import write_dataset
 from test_bundle import TINY, configs
+
+from custom.synthetic import write_dataset
 
 TRAIN_ARGS = ["run", "training", "--config_file", configs("train.json", "quick.json"), "--epochs", "1", *TINY, "--tracking", "mlflow"]
 
@@ -25,7 +25,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking_data")
-    write_dataset(root, 4, seed=5, layout="2023", size="small")
+    write_dataset(root, 4, seed=5, layout="brats2023", size="small")
     return root
 
 
@@ -86,7 +86,7 @@ def test_unreachable_tracking_server_does_not_stop_training(dataset, tmp_path):
 
 
 def test_run_name_is_reused_only_when_resuming(tmp_path):
-    from custom.tracking import RUN_NAME_FILE, run_name
+    from custom.handlers.tracking import RUN_NAME_FILE, run_name
 
     first = run_name(tmp_path)
     assert (tmp_path / RUN_NAME_FILE).read_text().strip() == first

@@ -1,13 +1,13 @@
 """Export a trained checkpoint as the bundle's shipped weights: fp16 state dict + a record.
 
-    python tools/export_weights.py --checkpoint runs/pretrain/models/model.pt \
+    python -m tools.export_weights --checkpoint runs/pretrain/models/model.pt \
         --out bundle/models/model.pt --command "make pretrain"
 
 Writes ``--out``: ``{"model": the network's state dict, floating-point tensors as float16,
 "network": the network settings}``, and, beside it, ``model.json``: file name, size in bytes, sha256,
 dtype, the command that made it, the same network settings and the git commit. The settings are those
 recorded in the checkpoint by training (else ``network_settings`` of ``--config``); the weights must
-fit the network of ``--config`` (``custom.checkpoints.check_weights``, strict).
+fit the network of ``--config`` (``custom.handlers.checkpoints.check_weights``, strict).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from custom.checkpoints import SETTINGS_KEY, NetworkRecord, check_weights, file_sha256
-
-REPO = Path(__file__).resolve().parents[1]
+from custom.atomic_files import atomic_path
+from custom.handlers.checkpoints import SETTINGS_KEY, NetworkRecord, check_weights, file_sha256
+from devtools import REPO
 
 
 def main(argv=None) -> int:
@@ -47,9 +47,8 @@ def main(argv=None) -> int:
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     network.load_state_dict(half, strict=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    torch.save({"model": half, SETTINGS_KEY: settings}, tmp)
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:
+        torch.save({"model": half, SETTINGS_KEY: settings}, tmp)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {
         "file": args.out.name,

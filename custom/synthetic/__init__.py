@@ -15,9 +15,7 @@ on how many cases are written, and the same seed writes the same bytes.
 """
 
 from custom.synthetic.dataset import (
-    LABEL_VALUES,
-    LAYOUTS,
-    MODALITIES,
+    LAYOUT_NAMES,
     case_id,
     encode_labels,
     main,
@@ -30,7 +28,7 @@ from custom.synthetic.grid import SIZES, grid_affine, grid_shape, grid_spacing
 from custom.synthetic.tumour import ED, ET, NCR, TYPES
 
 __all__ = [
-    "NCR", "ED", "ET", "TYPES", "MODALITIES", "LAYOUTS", "SIZES", "LABEL_VALUES", "grid_shape", "grid_spacing",
+    "NCR", "ED", "ET", "TYPES", "LAYOUT_NAMES", "SIZES", "grid_shape", "grid_spacing",
     "grid_affine", "generate_case", "case_id", "planned_files", "write_dataset", "msd_dataset_json",
     "encode_labels", "main",
 ]

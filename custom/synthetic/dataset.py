@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -17,31 +16,31 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.atomic_files import atomic_write
+from custom.data.vocabulary import CONVENTIONS, LAYOUTS, MODALITIES, MSD_CHANNELS
 from custom.synthetic.generator import generate_case
 from custom.synthetic.grid import SIZES, check_size
 from custom.synthetic.tumour import ED, ET, NCR
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-"""Canonical sequence order of :func:`custom.synthetic.generate_case`."""
-LAYOUTS = ("2021", "2023", "msd")
-LABEL_VALUES = {"2021": {NCR: 1, ED: 2, ET: 4}, "2023": {NCR: 1, ED: 2, ET: 3}, "msd": {NCR: 2, ED: 1, ET: 3}}
-"""Generator label -> the value written in each layout."""
-_FILE_SUFFIXES = {
-    "2021": ("_", {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}),
-    "2023": ("-", {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}),
-}
-_MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # MSD Task01 order: FLAIR, T1w, t1gd, T2w
+LAYOUT_NAMES = tuple(LAYOUTS)
+"""Layouts written: ``custom.data.LAYOUTS``' names (brats2021, brats2023, msd)."""
+
+
+def _label_values(layout: str) -> dict[int, int]:
+    """Generator label -> the value written in ``layout`` (its ``custom.data.CONVENTIONS`` entry)."""
+    conv = CONVENTIONS[layout]
+    return {NCR: conv.ncr, ED: conv.ed, ET: conv.et}
 
 
 def case_id(layout: str, index: int) -> str:
     """Case identifier of case ``index`` (0-based): ``BraTS2021_00000``, ``BraTS-GLI-00000-000``, ``BRATS_001``."""
-    if layout == "2021":
+    if layout == "brats2021":
         return f"BraTS2021_{index:05d}"
-    if layout == "2023":
+    if layout == "brats2023":
         return f"BraTS-GLI-{index:05d}-000"
     if layout == "msd":
         return f"BRATS_{index + 1:03d}"
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise ValueError(f"layout must be one of {LAYOUT_NAMES}, got {layout!r}")
 
 
 def _case_files(layout: str, index: int, labelled: bool) -> dict[str, str]:
@@ -52,11 +51,9 @@ def _case_files(layout: str, index: int, labelled: bool) -> dict[str, str]:
         if labelled:
             files["seg"] = f"labelsTr/{cid}.nii.gz"
         return files
-    sep, names = _FILE_SUFFIXES[layout]
-    files = {m: f"{cid}/{cid}{sep}{names[m]}.nii.gz" for m in MODALITIES}
-    if labelled:
-        files["seg"] = f"{cid}/{cid}{sep}seg.nii.gz"
-    return files
+    lay = LAYOUTS[layout]
+    names = dict(zip((*MODALITIES, "seg"), lay.suffixes))
+    return {k: f"{cid}/{cid}{lay.separator}{v}.nii.gz" for k, v in names.items() if labelled or k != "seg"}
 
 
 def planned_files(cases: int, layout: str, unlabelled: int = 0) -> list[str]:
@@ -69,12 +66,6 @@ def planned_files(cases: int, layout: str, unlabelled: int = 0) -> list[str]:
     return out
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Save a NIfTI-1 .nii.gz with qform = sform = ``affine`` (codes 1), mm units, gzip mtime 0."""
     img = nib.Nifti1Image(arr, affine)
@@ -83,7 +74,7 @@ def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     # gzip.compress writes no file name; mtime=0 makes the bytes reproducible.
-    _write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+    atomic_write(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
 
 
 def _check_out_dir(out: Path, planned: list[str]) -> None:
@@ -147,7 +138,7 @@ def msd_dataset_json(training: list[dict], test: list[str]) -> dict:
 def encode_labels(seg: np.ndarray, layout: str) -> np.ndarray:
     """Convert an internal-encoding label map to ``layout``'s label values (uint8)."""
     lut = np.zeros(256, np.uint8)
-    for k, v in LABEL_VALUES[layout].items():
+    for k, v in _label_values(layout).items():
         lut[k] = v
     return lut[seg]
 
@@ -161,7 +152,7 @@ def _write_case(job) -> tuple[str, float, bool]:
     for rel in files.values():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
     if layout == "msd":
-        _save_nifti(np.stack([images[m] for m in _MSD_CHANNELS], axis=-1), affine, out / files["image"])
+        _save_nifti(np.stack([images[m] for m in MSD_CHANNELS], axis=-1), affine, out / files["image"])
     else:
         for m in MODALITIES:
             _save_nifti(images[m], affine, out / files[m])
@@ -170,17 +161,17 @@ def _write_case(job) -> tuple[str, float, bool]:
     return case_id(layout, i), time.perf_counter() - t, labelled
 
 
-def write_dataset(out, cases: int, seed: int = 0, layout: str = "2021", size: str = "full",
+def write_dataset(out, cases: int, seed: int = 0, layout: str = "brats2021", size: str = "full",
                   unlabelled: int = 0, verbose: bool = False, workers: int = 1) -> list[str]:
     """Write ``cases`` synthetic cases (indices 0..cases-1) under ``out`` in ``layout``.
 
-    The last ``unlabelled`` cases get no label file (2021/2023) or go to ``imagesTs`` (msd).
+    The last ``unlabelled`` cases get no label file (brats2021/2023) or go to ``imagesTs`` (msd).
     Refuses (``FileExistsError``) an ``out`` holding NIfTI files or a ``dataset.json`` this call
     would not write (a different dataset); overwrites its own files; never deletes anything. ``workers``
     processes generate cases in parallel (same bytes). Returns the written case ids in order.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ValueError(f"layout must be one of {LAYOUT_NAMES}, got {layout!r}")
     check_size(size)
     cases, unlabelled, seed = int(cases), int(unlabelled), int(seed)
     if cases < 1:
@@ -208,7 +199,7 @@ def write_dataset(out, cases: int, seed: int = 0, layout: str = "2021", size: st
                 print(f"{cid}: {seconds:.1f} s{'' if labelled else ' (unlabelled)'}", flush=True)
     if layout == "msd":
         text = json.dumps(_msd_dataset_json(cases, unlabelled), indent=4) + "\n"
-        _write_bytes(out / "dataset.json", text.encode())
+        atomic_write(out / "dataset.json", text.encode())
     return ids
 
 
@@ -235,9 +226,9 @@ def main(argv=None) -> int:
                    help="output directory (new, empty, or the same dataset's: its files are overwritten)")
     p.add_argument("--cases", type=_int_at_least(1), default=4, help="number of cases (default 4)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="dataset seed (default 0)")
-    p.add_argument("--layout", choices=LAYOUTS, default="2021",
-                   help="2021: BraTS2021_XXXXX/..._{t1,t1ce,t2,flair,seg}; 2023: BraTS-GLI-XXXXX-000/...-"
-                        "{t1n,t1c,t2w,t2f,seg}; msd: Task01_BrainTumour (default 2021)")
+    p.add_argument("--layout", choices=LAYOUT_NAMES, default="brats2021",
+                   help="brats2021: BraTS2021_XXXXX/..._{t1,t1ce,t2,flair,seg}; brats2023: BraTS-GLI-XXXXX-000/...-"
+                        "{t1n,t1c,t2w,t2f,seg}; msd: Task01_BrainTumour (default brats2021)")
     p.add_argument("--size", choices=SIZES, default="full",
                    help="full: 240x240x155 at 1 mm; medium: 120x120x78 at 2 mm; small: 96x96x62 at 2.5 mm (default full)")
     p.add_argument("--workers", type=_int_at_least(1), default=1, help="processes generating cases (default 1)")

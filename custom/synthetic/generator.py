@@ -9,7 +9,7 @@ from custom.synthetic.anatomy import choroid_plexus, skull_strip_border, vessels
 from custom.synthetic.fields import smooth_field
 from custom.synthetic.grid import check_size
 from custom.synthetic.imaging import apply_style, form_images
-from custom.synthetic.tumour import ED, ET, NCR, plan_tumour, draw_tumour
+from custom.synthetic.tumour import ED, ET, NCR, draw_tumour, plan_tumour
 
 
 def generate_case(index: int, seed: int = 0, size: str = "full", return_maps: bool = False):
@@ -54,19 +54,13 @@ def generate_case(index: int, seed: int = 0, size: str = "full", return_maps: bo
     cyst = np.zeros(seg.shape, bool)
     cyst[box] = det["cyst"]
     ncr = (seg == NCR) & ~cyst
-    # the core is a patchwork of necrosis and non-enhancing tumour; the type sets which dominates
     necrotic = plan.kind in ("necrotic", "cystic")
-    core_rng = np.random.default_rng([seed, index, 1])  # its own stream: the draws below stay as they were
-    other_share = core_rng.uniform(0.0, 0.6 if plan.kind != "non-enhancing" else 0.2)
-    patches = smooth_field(core_rng, seg.shape, sp, 12, 1.0)
-    other = ncr & (patches > np.quantile(patches[ncr], 1.0 - other_share)) if ncr.any() else ncr
-    nec = ncr & ~other if necrotic else other
     wt_soft = soft(seg > 0)
     away = 1.0 - soft(ndi.binary_dilation(seg > 0, iterations=max(1, int(round(3.0 / sp)))))
     weights = {
         "wm": anat.wm, "gm": anat.gm, "csf": anat.csf,
         "ed": soft(seg == ED), "et": soft(seg == ET), "cyst": soft(cyst),
-        "nec": soft(nec), "net": soft(ncr & ~nec),
+        "nec": soft(ncr) if necrotic else zeros, "net": zeros if necrotic else soft(ncr),
         "vessel": vessel_map * (1.0 - wt_soft), "choroid": choroid * away, "wmh": wmh * away, "remnant": remnant,
     }
     core_distance = np.full(seg.shape, 99.0, np.float32)

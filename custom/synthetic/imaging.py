@@ -21,7 +21,7 @@ CLASSES = ("wm", "gm", "csf", "ed", "nec", "net", "et", "cyst", "vessel", "choro
 CONTRASTS = {
     #          wm    gm    csf   ed    nec   net   et    cyst  vessel choroid wmh  remnant
     "t1":    (1.0, 0.72, 0.35, 0.78, 0.5, 0.7, 0.85, 0.35, 0.8, 0.75, 0.85, 0.9),
-    "t1ce":  (1.0, 0.75, 0.35, 0.85, 0.45, 0.85, 1.9, 0.35, 2.0, 1.8, 0.85, 1.5),
+    "t1ce":  (1.0, 0.75, 0.35, 0.8, 0.45, 0.72, 1.9, 0.35, 2.0, 1.8, 0.85, 1.5),
     "t2":    (1.0, 1.45, 3.3, 2.6, 2.8, 2.3, 1.9, 3.3, 0.6, 1.8, 2.2, 1.5),
     "flair": (1.0, 1.3, 0.35, 2.2, 1.4, 2.2, 1.8, 0.45, 0.8, 1.5, 1.9, 1.5),
 }
@@ -43,11 +43,11 @@ def draw_contrasts(rng: np.random.Generator) -> tuple[dict[str, dict[str, float]
             vals[0] = 1.0
         out[s] = dict(zip(CLASSES, vals.tolist()))
     if not random:  # the most variable lesion signals
-        out["t1ce"]["et"] = rng.uniform(1.1, 3.0)  # from faint, patchy enhancement to a bright rim
+        out["t1ce"]["et"] = rng.uniform(1.3, 3.0)
         out["t1ce"]["nec"] = rng.uniform(0.3, 0.8)
         out["flair"]["ed"] = rng.uniform(1.7, 3.0)  # oedema: usually the brightest FLAIR signal
         out["flair"]["nec"] = rng.uniform(0.4, 1.8)
-        out["flair"]["net"] = rng.uniform(1.1, 2.4)  # non-enhancing core: often as bright as oedema
+        out["flair"]["net"] = rng.uniform(1.1, 2.2)
         out["flair"]["et"] = rng.uniform(1.0, 2.0)
         out["flair"]["csf"] = rng.uniform(0.2, 0.6)
         out["t1ce"]["vessel"] = rng.uniform(1.2, 2.8)
@@ -106,7 +106,6 @@ def form_images(rng: np.random.Generator, weights: dict[str, np.ndarray], brain:
     """
     means, random = draw_contrasts(rng)
     lesion_keys = ("ed", "nec", "net", "et", "cyst")
-    overlay_keys = ("vessel", "choroid", "wmh", "remnant")
     textures = {k: smooth_field(rng, brain.shape, spacing, 14, 1.0) for k in ("normal", "lesion")}
     lesion_total = np.clip(sum(weights[k] for k in lesion_keys), 0, 1)
     snr = float(np.exp(rng.uniform(np.log(6.0), np.log(40.0))))

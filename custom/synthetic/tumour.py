@@ -45,7 +45,7 @@ def plan_tumour(rng: np.random.Generator) -> TumourPlan:
         wt_ml = float(np.exp(rng.uniform(np.log(1.0), np.log(20.0))))  # small lesions
     else:
         wt_ml = float(np.exp(rng.uniform(np.log(30.0), np.log(250.0))))
-    tc_frac = rng.uniform(0.08, 0.75) if kind != "non-enhancing" else rng.uniform(0.25, 0.8)
+    tc_frac = rng.uniform(0.08, 0.5) if kind != "non-enhancing" else rng.uniform(0.25, 0.8)
     n_foci = 1 if rng.random() < 0.85 else int(rng.integers(2, 4))
     return TumourPlan(kind, wt_ml, tc_frac, n_foci)
 

@@ -29,7 +29,7 @@ What :func:`harden_server` does, and why it is here rather than in MONAI Label:
   ``GET /datastore/dataset`` leaves its zip; every temporary file those endpoints (and the
   datastores' archives) create is recorded for the request and removed once its response is sent.
 - **Client errors are 4xx with their reason** (:class:`ErrorMiddleware`): an exception that reaches
-  no handler is answered 422 when caused by bad data (a ``custom.brats.BraTSDataError``, 415 for a
+  no handler is answered 422 when caused by bad data (a ``custom.data.BraTSDataError``, 415 for a
   file that is not NIfTI at all) or an invalid input (MONAI Label's ``INVALID_INPUT``), else 500
   with its type and message (a real server fault, logged with its traceback). A second training
   request while one runs is 409 (MONAI Label says 429).
@@ -67,6 +67,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import parse_qsl
 
 from fastapi import HTTPException
+
+from lib.params import truthy
 
 logger = logging.getLogger(__name__)
 
@@ -278,10 +280,11 @@ class RequestFilesMiddleware:
 
 def error_response(exc: BaseException) -> tuple[int, str]:
     """``(status, detail)`` for an exception no endpoint handled (see module docstring)."""
-    from custom.brats import NotNiftiError, _clear_error
     from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
-    found = _clear_error(exc)
+    from custom.data import NotNiftiError, clear_error
+
+    found = clear_error(exc)
     if found is not None and found[0] == "BraTSDataError":
         chain, e = [], exc
         while e is not None and e not in chain:
@@ -371,7 +374,7 @@ def guard_infer_endpoint() -> None:
             from lib.datastore.brats import check_id
 
             check_id(p["label_tag"], "label tag")
-        if str(p.get("save_label", "")).strip().lower() in ("true", "1", "yes", "on"):
+        if truthy(p.get("save_label", False), "save_label"):
             require_role_to_save_labels()
         if session_id:
             raise HTTPException(status_code=406, detail="sessions are not enabled on this server: pass the image id or upload the file")

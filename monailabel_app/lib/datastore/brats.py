@@ -5,7 +5,7 @@ Two flavours, chosen by :func:`open_datastore` from what ``--studies`` holds:
 - :class:`CheckedLocalDatastore`: MONAI Label's ``LocalDatastore`` over a flat folder of 4D NIfTI
   images (MSD Task01 style, one ``(H, W, D, 4)`` file a case; image id = file name without
   ``.nii.gz``);
-- :class:`BraTSDatastore`: a dataset folder that ``custom.brats`` detects (BraTS 2021 or 2023 case
+- :class:`BraTSDatastore`: a dataset folder that ``custom.data`` detects (BraTS 2021 or 2023 case
   folders, or an MSD Task01 folder with ``dataset.json``). Image id = case id. The dataset is never
   written: a case's segmentation file (``*_seg.nii.gz``, ``labelsTr/``) counts as its ``final``
   label until a client saves one, and saved labels go to ``<studies>/labels/<tag>/<id>.nii.gz``
@@ -18,7 +18,7 @@ without FLAIR serves its T2), the 4D file itself for MSD images (Slicer shows it
 sequence / its first channel).
 
 Cases with missing sequences: a per-modality case may lack some of T1, T1ce, T2, FLAIR as long as it
-has FLAIR or T2 (``custom.brats``); it is listed like any case, ``model_input`` gives the files it
+has FLAIR or T2 (``custom.data``); it is listed like any case, ``model_input`` gives the files it
 has and ``model_sequences`` their names (the bundle's loader zero-fills the others). The image info
 (``GET /datastore/image/info``) shows ``sequences``.
 
@@ -39,10 +39,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -54,10 +52,11 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from custom.brats import (
+from custom.atomic_files import TEMP_NAME, atomic_copy, atomic_write
+from custom.data import (
+    MODALITIES,
     BraTSCase,
     BraTSDataError,
-    MODALITIES,
     LabelConvention,
     Layout,
     NotNiftiError,
@@ -87,44 +86,11 @@ def check_id(value: Any, what: str = "image id") -> str:
     return value
 
 
-def atomic_copy(src: str, dest: str) -> None:
-    """Copy ``src`` to ``dest`` through a temporary file in ``dest``'s folder, fsync'd, then renamed."""
-    folder = os.path.dirname(dest)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-TEMP_SUFFIX = re.compile(r"\.[0-9a-f]{32}\.tmp$")  # atomic_copy / atomic_write_text temporary files
-
-
 def remove_stale_temp_files(studies: str) -> list[str]:
-    """Remove the temporary files of :func:`atomic_copy` / :func:`atomic_write_text` left in ``studies``
+    """Remove the temporary files of ``custom.atomic_files`` writes left in ``studies``
     (and ``labels/<tag>/``) by a process killed between writing and renaming; returns their paths.
 
-    They are never counted as images or labels (their names end with ``.tmp``); this only keeps the
+    They are never counted as images or labels (hidden names, ``custom.atomic_files.TEMP_NAME``); this only keeps the
     folder clean. Done under the datastore's file lock, which every writer holds while its temporary
     file exists, so no write in progress is touched."""
     removed: list[str] = []
@@ -134,7 +100,7 @@ def remove_stale_temp_files(studies: str) -> list[str]:
         for folder in folders:
             for name in os.listdir(folder):
                 path = os.path.join(folder, name)
-                if TEMP_SUFFIX.search(name) and os.path.isfile(path):
+                if TEMP_NAME.match(name) and os.path.isfile(path):
                     os.remove(path)
                     removed.append(path)
     if removed:
@@ -211,7 +177,7 @@ def check_label_file(path: str, shape: tuple, affine: np.ndarray, convention: La
 
 
 def _load_upload(path: str, where: str) -> nib.Nifti1Image:
-    """The header of an uploaded NIfTI file, checked by ``custom.brats.load_nifti`` (messages say ``where``,
+    """The header of an uploaded NIfTI file, checked by ``custom.data.load_nifti`` (messages say ``where``,
     not the server's temporary path): HTTP 415 if not a readable NIfTI file, 422 for a bad header."""
     try:
         return load_nifti(path, name=where)
@@ -384,7 +350,7 @@ class CheckedLocalDatastore(LocalDatastore):
     def _update_datastore_file(self, lock=True):
         def write():
             self._ignore_event_config = True
-            atomic_write_text(self._datastore_config_path, json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+            atomic_write(self._datastore_config_path, json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:
@@ -523,7 +489,7 @@ class BraTSDatastore(CheckedLocalDatastore):
 
 def open_datastore(studies: str, **kwargs) -> tuple[CheckedLocalDatastore, Layout]:
     """The datastore for ``studies`` and the layout its images follow (``msd`` channel order for a flat 4D folder)."""
-    from custom.brats import LAYOUTS
+    from custom.data import LAYOUTS
 
     try:
         layout = detect_layout(studies)

@@ -8,7 +8,7 @@ series one image; a BraTS network needs the four co-registered modalities of a s
 - **Series matching.** QIDO-RS lists the MR series (``Modality=MR``; MONAI Label's
   ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` defaults to CT and is forced to MR, other keys of it are
   kept) and groups them by study. Each series' SeriesDescription is matched against per-modality
-  regular expressions (``custom.dicom.SERIES_RULES``: "T1", "T1w", "t1n", "MPRAGE" -> T1; "T1ce",
+  regular expressions (``custom.data.dicom_series.SERIES_RULES``: "T1", "T1w", "t1n", "MPRAGE" -> T1; "T1ce",
   "t1c", "T1 post Gd", "T1+C" -> T1ce; "T2", "T2w" -> T2; "FLAIR", "T2 FLAIR", "t2f" -> FLAIR),
   replaced per modality with ``--conf dicomweb_series_rules '{"t1ce":"post"}'`` (JSON without
   spaces, or the path of a JSON file). A study is an image when at most one series matches each
@@ -72,8 +72,8 @@ from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from custom.brats import LAYOUTS, MODALITIES, Layout
-from custom.dicom import SERIES_DESCRIPTIONS, SeriesMatchError, match_series, parse_rules
+from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, Layout
+from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
 from lib.datastore.brats import check_label_file
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ TYPES = {
     "ed": {"CodeValue": "79654002", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Edema"},
     "et": {"CodeValue": "108369006", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Neoplasm"},
 }
-SERIES_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "Modality", "NumberOfSeriesRelatedInstances", "SeriesDate", "SeriesTime"]
+SERIES_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "Modality", "NumberOfSeriesRelatedInstances",
+                 "SeriesDate", "SeriesTime"]
 
 
 def _value(item: dict, keyword: str, default: Any = None) -> Any:
@@ -179,7 +180,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             for s in items:
                 alias[s["SeriesInstanceUID"]] = study.image_id
         if problems:
-            logger.info(f"{len({k for k in problems if k in by_study})} MR studies without FLAIR or T2 series (or with two series for one modality) are not listed")
+            logger.info(f"{len({k for k in problems if k in by_study})} MR studies without FLAIR or T2 series "
+                        f"(or with two series for one modality) are not listed")
         return {"studies": studies, "alias": alias, "problems": problems}
 
     def _studies(self, refresh: bool = False) -> dict:
@@ -200,14 +202,16 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         another modality's SeriesInstanceUID. HTTP 400 (not a UID), 404 (unknown), 422 (a study
         without exactly one series per modality: the message lists its series)."""
         if not isinstance(image_id, str) or len(image_id) > 64 or not UID.match(image_id):
-            raise HTTPException(status_code=400, detail=f"invalid image id {str(image_id)[:80]!r}: expected a DICOM UID (digits and dots, at most 64 characters)")
+            raise HTTPException(status_code=400,
+                                detail=f"invalid image id {str(image_id)[:80]!r}: expected a DICOM UID (digits and dots, at most 64 characters)")
         for refresh in (False, True):
             index = self._studies(refresh=refresh)
             if image_id in index["alias"]:
                 return index["alias"][image_id]
             if image_id in index["problems"]:
                 raise HTTPException(status_code=422, detail=index["problems"][image_id])
-        raise HTTPException(status_code=404, detail=f"no MR series or study {image_id!r} at {self._client.base_url} (GET /datastore/?output=all lists the images)")
+        raise HTTPException(status_code=404,
+                            detail=f"no MR series or study {image_id!r} at {self._client.base_url} (GET /datastore/?output=all lists the images)")
 
     # -- series cache ----------------------------------------------------------------------------------
     def _lock_for(self, key: str) -> threading.Lock:
@@ -251,7 +255,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             reader = sitk.ImageSeriesReader()
             names = reader.GetGDCMSeriesFileNames(os.path.dirname(files[0]), uid) or files
             if len(names) != len(files):
-                raise HTTPException(status_code=422, detail=f"series {uid}: GDCM sorts {len(names)} of its {len(files)} instances into one volume (mixed orientations or sizes?)")
+                raise HTTPException(status_code=422, detail=f"series {uid}: GDCM sorts {len(names)} of its {len(files)} instances into one volume "
+                                                            f"(mixed orientations or sizes?)")
             reader.SetFileNames(names)
             image = reader.Execute()
             tmp = f"{out}.{uuid.uuid4().hex}.nii.gz"
@@ -270,13 +275,15 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         for m, img in zip(sequences, grids):
             if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
                 detail = "; ".join(
-                    f"{SERIES_DESCRIPTIONS[mm]} {study.series[mm]['SeriesDescription']!r}: shape {g.shape[:3]}, voxel {np.round(g.header.get_zooms()[:3], 3).tolist()} mm, "
+                    f"{SEQUENCE_NAMES[mm]} {study.series[mm]['SeriesDescription']!r}: shape {g.shape[:3]}, "
+                    f"voxel {np.round(g.header.get_zooms()[:3], 3).tolist()} mm, "
                     f"origin {np.round(g.affine[:3, 3], 2).tolist()}"
                     for mm, g in zip(sequences, grids)
                 )
-                raise HTTPException(status_code=422, detail=f"study {study.study_uid}: the {len(sequences)} series are not on one grid (the network needs co-registered modalities, as in BraTS): {detail}")
+                raise HTTPException(status_code=422, detail=f"study {study.study_uid}: the {len(sequences)} series are not on one grid "
+                                                            f"(the network needs co-registered modalities, as in BraTS): {detail}")
         if len(sequences) < len(MODALITIES):
-            logger.info(f"study {study.study_uid}: series for {', '.join(SERIES_DESCRIPTIONS[m] for m in sequences)} only")
+            logger.info(f"study {study.study_uid}: series for {', '.join(SEQUENCE_NAMES[m] for m in sequences)} only")
         return paths
 
     def model_sequences(self, image_id: str) -> List[str]:
@@ -295,7 +302,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             "SeriesInstanceUID": flair,
             "StudyInstanceUID": study.study_uid,
             "Modality": "MR",
-            "series": {SERIES_DESCRIPTIONS[m]: s["SeriesInstanceUID"] for m, s in study.series.items()},
+            "series": {SEQUENCE_NAMES[m]: s["SeriesInstanceUID"] for m, s in study.series.items()},
         }
         LocalDatastore.add_image(self, flair, src, info)
         return LocalDatastore.get_image_uri(self, flair)
@@ -311,7 +318,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         LocalDatastore.update_image_info(self, flair, info)
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
-        raise HTTPException(status_code=405, detail="images come from the PACS: upload DICOM studies to it (e.g. python -m custom.dicom CASE --out DIR --stow URL)")
+        raise HTTPException(status_code=405, detail="images come from the PACS: upload DICOM studies to it "
+                                                    "(e.g. python -m tools.nifti_to_dicom CASE --out DIR --stow URL)")
 
     def remove_image(self, image_id: str) -> None:
         raise HTTPException(status_code=403, detail="images are never deleted through this server: delete studies in the PACS")
@@ -409,7 +417,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
                 label_filename = binary_to_image(image_uri, label_filename)
                 cleanup.append(label_filename)
             elif not label_filename.endswith((".nii.gz", ".nii")):
-                raise HTTPException(status_code=415, detail=f"labels must be NIfTI (.nii.gz, .nii) or OHIF's label.bin, got {os.path.basename(label_filename)!r}")
+                raise HTTPException(status_code=415,
+                                    detail=f"labels must be NIfTI (.nii.gz, .nii) or OHIF's label.bin, got {os.path.basename(label_filename)!r}")
             ref = nib.load(image_uri)
             where = f"label for image {flair}"
             remapped = check_label_file(label_filename, ref.shape[:3], ref.affine, self.convention, where, label_info.get("label_info"))
@@ -425,7 +434,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
                 start = time.monotonic()
                 self._client.store_instances([seg], study_instance_uid=str(seg.StudyInstanceUID))
                 self._seg_refs[str(seg.SeriesInstanceUID)] = flair
-                label_info["dicom_seg"] = {"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID), "StudyInstanceUID": str(seg.StudyInstanceUID)}
+                label_info["dicom_seg"] = {"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID),
+                                           "StudyInstanceUID": str(seg.StudyInstanceUID)}
                 logger.info(f"DICOM SEG {seg.SeriesInstanceUID} ({label_tag}) of {flair} stored in {time.monotonic() - start:.1f} s")
             label_info.pop("label_info", None)
             return LocalDatastore.save_label(self, flair, checked, label_tag, label_info)

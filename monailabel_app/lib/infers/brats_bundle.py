@@ -3,17 +3,18 @@
 Every transform, the network and the inferer come from the bundle's own config parsed with
 ``monai.bundle.ConfigParser``; nothing of the pipeline is re-written here. MONAI Label specifics:
 
-- ``layout`` is overridden with the studies' layout (``custom.brats.LAYOUTS[...]``): its channel
+- ``layout`` is overridden with the studies' layout (``custom.data.LAYOUTS[...]``): its channel
   order and label convention, because a MONAI Label study is one case, not a dataset folder;
 - the input is one 4D NIfTI ``(H, W, D, 4)`` or the 3D modality files of a BraTS case (the app
   resolves the image id to them), with ``sequences`` naming the sequences present when a case lacks
   some (the bundle's loader fills their channels with zeros; the result JSON's ``sequences`` says
   which were used);
-- the bundle's ``SaveImaged`` is dropped from ``postprocessing``; the label map (1, H, W, D) is
-  squeezed to (H, W, D) uint8 and handed to MONAI Label's writer;
+- config ids switch the bundle's steps (``APP_OVERRIDES``): its ``writer`` is disabled, the label map
+  (1, H, W, D) is squeezed to (H, W, D) uint8 and handed to MONAI Label's writer; ``invert`` also
+  takes an uncertainty map back to the image's grid; a request without the CRF leaves out ``crf``;
 - labels shown to Slicer/OHIF are the parsed ``label_convention``'s names and values;
 - the weights are checked against the configured network (``network_def``, ``network_settings``) at
-  start-up and whenever the file changes (``custom.checkpoints.check_weights``): weights that do not
+  start-up and whenever the file changes (``custom.handlers.checkpoints.check_weights``): weights that do not
   fit are flagged in ``/info`` and inference answers 503 with a message naming both.
 
 Per-request options (``params`` of ``POST /infer/<model>``):
@@ -37,7 +38,6 @@ import logging
 import os
 import tempfile
 import threading
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
@@ -46,36 +46,28 @@ import torch
 from fastapi import HTTPException
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import CastToTyped, Compose, Invertd, SaveImaged, SqueezeDimd
+from monai.transforms import CastToTyped, Compose, SqueezeDimd
 from monai.utils import convert_to_numpy
-
-from custom.brats import MODALITIES
-from custom.checkpoints import WeightsMismatchError, check_weights
-from custom.crf import DenseCRFd
-from custom.metrics import region_volumes_ml
-from custom.uncertainty import mc_uncertainty, mean_logit
-from lib.bundle_config import load_bundle_config
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.utils.others.generic import strtobool
+
+from custom.data import MODALITIES
+from custom.handlers.checkpoints import WeightsMismatchError, check_weights
+from custom.metrics import region_volumes_ml
+from custom.uncertainty import mc_dropout_pass
+from lib.bundle_config import load_bundle_config
+from lib.params import MAX_MC_SAMPLES, mc_samples, truthy
 
 logger = logging.getLogger(__name__)
 
 MC_SAMPLES = 8
-MAX_MC_SAMPLES = 64
 # Display colours (RGB 0-255) by label meaning, BraTS-paper style; Slicer colours segments by name
 # from its own GenericAnatomyColors table, other clients can read `label_colors` from /info.
 COLOURS = {"ncr": (255, 255, 0), "ed": (0, 200, 0), "et": (220, 0, 0)}
-
-
-def truthy(value: Any, name: str = "flag") -> bool:
-    """Request/config flags arrive as bools, numbers or strings ('true', 'false', '1', '0', 'yes', 'off'...);
-    anything else is an invalid input (HTTP 422 through the app's error handling)."""
-    try:
-        return bool(strtobool(str(value).strip()))
-    except ValueError:
-        raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"{name} must be true or false, got {value!r}") from None
+# The bundle's inference pipeline as the app runs it: MONAI Label writes the result, and an uncertainty
+# map (MC dropout) goes back to the image's grid with the prediction.
+APP_OVERRIDES = {"writer#_disabled_": True, "invert#keys": ["pred", "uncertainty_map"], "invert#allow_missing_keys": True}
 
 
 class BraTSBundleInfer(BasicInferTask):
@@ -92,7 +84,7 @@ class BraTSBundleInfer(BasicInferTask):
         self.bundle_root = os.path.abspath(bundle_root)
         self.configs = list(configs)
         self.overrides = dict(overrides or {})
-        self.parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)
+        self.parser = load_bundle_config(self.bundle_root, self.configs, {**APP_OVERRIDES, **self.overrides})
         # The CRF stays in the parsed post-processing; requests drop it when they do not want it.
         self.default_crf = truthy(self.parser["use_crf"], "use_crf")
         self.parser["use_crf"] = True
@@ -162,20 +154,10 @@ class BraTSBundleInfer(BasicInferTask):
         request["crf"] = truthy(request.get("crf", self.default_crf), "crf")
         request["uncertainty"] = truthy(request.get("uncertainty", False), "uncertainty")
         if request["uncertainty"]:
-            request["mc_samples"] = self._mc_samples(request)
+            request["mc_samples"] = mc_samples(request.get("mc_samples", MC_SAMPLES))
         request.setdefault("result_extension", ".nii.gz")
         with self._lock:
             return super().__call__(request, callbacks)
-
-    @staticmethod
-    def _mc_samples(request) -> int:
-        try:
-            n = int(request.get("mc_samples", MC_SAMPLES))
-        except (TypeError, ValueError):
-            n = -1
-        if not 2 <= n <= MAX_MC_SAMPLES:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"mc_samples must be an integer in 2..{MAX_MC_SAMPLES}, got {request.get('mc_samples')!r}")
-        return n
 
     def _get_network(self, device, data):
         self.has_weights = os.path.isfile(self.model_path)
@@ -191,7 +173,7 @@ class BraTSBundleInfer(BasicInferTask):
 
     def weights_problem(self) -> str | None:
         """Why the weights at ``model_path`` cannot load into the configured network (None: they fit, or
-        there are none); checked with ``custom.checkpoints.check_weights`` once per file version (mtime)."""
+        there are none); checked with ``custom.handlers.checkpoints.check_weights`` once per file version (mtime)."""
         try:
             mtime = os.stat(self.model_path).st_mtime
         except FileNotFoundError:
@@ -227,19 +209,14 @@ class BraTSBundleInfer(BasicInferTask):
         return self.parser.get_parsed_content("inferer", instantiate=True)
 
     def mc_dropout(self, data: dict, device: str, samples: int) -> dict:
-        """MC-dropout pass on pre-processed ``data``: ``pred`` = logit of the mean probability
-        ``(3, H, W, D)``, ``uncertainty_map`` = voxel mutual information ``(1, H, W, D)`` (nats), and
-        ``predictive_entropy`` ``(1, H, W, D)``, all on the pre-processed grid."""
+        """MC-dropout pass on pre-processed ``data`` (``custom.uncertainty.mc_dropout_pass``): ``pred`` = logit
+        of the mean probability ``(3, H, W, D)``, ``uncertainty_map`` = voxel mutual information ``(1, H, W, D)``
+        (nats) and ``predictive_entropy`` ``(1, H, W, D)``, all on the pre-processed grid."""
         network = self._get_network(device, data)
-        image = data[self.input_key]
-        inputs = (image if torch.is_tensor(image) else torch.as_tensor(image))[None].to(torch.device(device))
-        with torch.no_grad():
-            logits = self.inferer(data)(inputs, partial(network.forward_mc, samples=samples))
-        u = mc_uncertainty(torch.as_tensor(logits), samples)
-        meta = {"affine": image.affine} if isinstance(image, MetaTensor) else {}
-        data[self.output_label_key] = MetaTensor(mean_logit(u["mean_prob"])[0], **meta)
-        data["uncertainty_map"] = MetaTensor(u["mutual_information"][0].float(), **meta)
-        data["predictive_entropy"] = MetaTensor(u["predictive_entropy"][0].float(), **meta)
+        maps = mc_dropout_pass(self.inferer(data), network, data[self.input_key], samples, torch.device(device))
+        data[self.output_label_key] = maps["logit"]
+        data["uncertainty_map"] = maps["mutual_information"]
+        data["predictive_entropy"] = maps["predictive_entropy"]
         return data
 
     def epistemic_score(self, image, device: str, samples: int, sequences=None) -> dict[str, float]:
@@ -262,13 +239,13 @@ class BraTSBundleInfer(BasicInferTask):
         return self.mc_dropout(data, device, data["mc_samples"])
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
+        # the bundle's post-processing with its ``writer`` disabled (MONAI Label writes the result) and
+        # its ``invert`` also taking the uncertainty map back to the image's grid (APP_OVERRIDES)
         data = data or {}
-        post = [t for t in self._transforms("postprocessing") if not isinstance(t, SaveImaged)]
+        post = self._transforms("postprocessing")
         if not data.get("crf", self.default_crf):
-            post = [t for t in post if not isinstance(t, DenseCRFd)]
-        if data.get("uncertainty"):
-            invert = next(t for t in post if isinstance(t, Invertd))
-            post.insert(post.index(invert) + 1, Invertd(keys="uncertainty_map", transform=invert.transform, orig_keys=invert.orig_keys, nearest_interp=False, to_tensor=True))
+            crf = self.parser.get_parsed_content("crf")
+            post = [t for t in post if t is not crf]
         # (1, H, W, D) label map in the image's grid -> (H, W, D) uint8 for MONAI Label's writer.
         return post + [SqueezeDimd(keys="pred", dim=0), CastToTyped(keys="pred", dtype=np.uint8)]
 

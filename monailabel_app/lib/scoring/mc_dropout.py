@@ -21,6 +21,8 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
+from lib.params import mc_samples, truthy
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,8 +36,8 @@ class EpistemicMCDropoutScoring(ScoringMethod):
         return {**super().info(), "config": {"mc_samples": self.mc_samples, "force": False}}
 
     def __call__(self, request, datastore: Datastore):
-        samples = self.infer_task._mc_samples({"mc_samples": request.get("mc_samples", self.mc_samples)})
-        force = str(request.get("force", False)).lower() in ("true", "1")
+        samples = mc_samples(request.get("mc_samples", self.mc_samples))
+        force = truthy(request.get("force", False), "force")
         device = name_to_device(request.get("device", "cuda"))
         if not os.path.isfile(self.infer_task.model_path):
             raise MONAILabelException(MONAILabelError.APP_ERROR, f"No model weights at {self.infer_task.model_path}: nothing to score with")

@@ -10,7 +10,7 @@ executed by ``monai.bundle``; this module only computes overrides for it:
   replaces the served weights (``model_path``, written atomically) on the best validation Dice;
 - ``iterations_per_epoch`` (the trainer's ``epoch_length`` and the lr schedule; null: one pass over
   the training cases) from the request, so that a few labelled studies train as long as many;
-- ``pretrained``: a ``custom.checkpoints.CheckedCheckpointLoader`` of the current ``model_path``
+- ``pretrained``: a ``custom.handlers.checkpoints.CheckedCheckpointLoader`` of the current ``model_path``
   prepended to ``train#handlers``; weights that do not fit the configured network are refused before
   the run starts (``WeightsMismatchError`` naming both);
 - MLflow as ``python -m monai.bundle run --tracking mlflow`` does it (``tracking`` argument and the
@@ -43,22 +43,18 @@ from typing import Any, Sequence
 import monai.bundle
 import torch
 from monai.bundle import ConfigParser
-
-from custom.checkpoints import WeightsMismatchError, check_weights
-from lib.bundle_config import DEFAULT_OVERRIDES, load_bundle_config
 from monailabel.config import settings
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import name_to_device
 
+from custom.handlers.checkpoints import WeightsMismatchError, check_weights
+from lib.bundle_config import DEFAULT_OVERRIDES, load_bundle_config
+from lib.params import truthy
+
 logger = logging.getLogger(__name__)
 
 _EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*)?(?:Error|Exception): .*)$")
-
-def _flag(value: Any) -> bool:
-    """A request boolean (JSON true/false, or a string from a form)."""
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes", "on")
-
 
 def iterations_per_epoch(value: Any) -> int | None:
     """A request's ``iterations_per_epoch``: an integer >= 1 (a JSON number or digits), or None for one
@@ -170,7 +166,7 @@ class BraTSBundleTrain(BundleTrainTask):
             "val_interval": max(1, min(val_interval, epochs)),
             "device": f"$torch.device({str(device)!r})",  # an expression: the config is exported as JSON
         }
-        fine_tune = _flag(request.get("pretrained", True)) and os.path.isfile(self.model_path)
+        fine_tune = truthy(request.get("pretrained", True), "pretrained") and os.path.isfile(self.model_path)
         # The lr warm-up starts at 0: a short fine-tune would barely move trained weights, so none
         # for fine-tuning; from scratch, at most epochs - 1 warm-up epochs.
         overrides["warmup_epochs"] = 0 if fine_tune else min(int(parser.get_parsed_content("warmup_epochs")), epochs - 1)
@@ -181,7 +177,7 @@ class BraTSBundleTrain(BundleTrainTask):
                               strict=self.load_strict, logger=logger)
             except WeightsMismatchError as e:
                 raise WeightsMismatchError(f"{e}; or train from scratch with pretrained false") from None
-            loader = {"_target_": "custom.checkpoints.CheckedCheckpointLoader", "load_path": self.model_path,
+            loader = {"_target_": "custom.handlers.checkpoints.CheckedCheckpointLoader", "load_path": self.model_path,
                       "load_dict": {"model": "@network"}, "network_settings": "@network_settings", "map_location": "@device",
                       "strict": self.load_strict}
             overrides["train#handlers"] = [loader, *copy.deepcopy(parser.get("train#handlers") or [])]
@@ -202,7 +198,7 @@ class BraTSBundleTrain(BundleTrainTask):
         paths = [os.path.join(self.bundle_root, "configs", c) for c in self.configs]
         meta_file = os.path.join(self.bundle_root, "configs", "metadata.json")
         logging_file = os.path.join(self.bundle_root, "configs", "logging.conf")
-        n_proc = self._num_processes(request) if _flag(request.get("multi_gpu", False)) else 1
+        n_proc = self._num_processes(request) if truthy(request.get("multi_gpu", False), "multi_gpu") else 1
         if n_proc > len(train_ds):  # every process needs a training case of its own
             logger.warning(f"{len(train_ds)} training case(s): {len(train_ds)} process(es) instead of {n_proc}")
             n_proc = len(train_ds)

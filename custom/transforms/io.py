@@ -1,148 +1,53 @@
-"""MONAI transforms between a release's integer labels and the three nested BraTS regions.
+"""Reading and writing cases: the bundle's loader and label writer.
 
-Regions (channels, in ``custom.brats.REGIONS`` order): TC = NCR + ET, WT = NCR + ED + ET, ET.
-``LabelToRegions`` generalises MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` (BraTS 2018-2023
-labels only) to the MSD convention and checks the label values; ``RegionsToLabel`` is its inverse,
-giving the BraTS submission format: ``label = ED on WT, NCR on TC, ET on ET`` (later wins).
-``CheckedLoadImaged`` is the bundle's loader: ``LoadImaged`` whose failures name the case and the file,
-which also fills the channels of missing sequences with zeros. ``ZeroBackgroundd`` sets a constant
-non-zero background (z-scored images) to 0. ``SequenceNiftiWriter`` writes the sequences used into the
-NIfTI header of the saved label.
+``CheckedLoadImaged`` is ``LoadImaged`` whose failures name the case and the file, and which fills
+the channels of missing sequences with zeros. ``SequenceNiftiWriter`` writes the sequences used into
+the NIfTI header of the saved label, atomically.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
-from monai.transforms import LoadImaged, MapTransform, Transform
-from monai.utils import convert_to_dst_type, ensure_tuple
+from monai.transforms import LoadImaged
+from monai.utils import ensure_tuple
 
-from custom.brats import (
-    CONVENTIONS,
+from custom.atomic_files import atomic_path
+from custom.data import (
     MODALITIES,
-    REGIONS,
     BraTSDataError,
     OutputError,
-    LabelConvention,
-    _check_same_grid,
     case_id_from_path,
+    check_image_voxels,
     check_sequences,
     describe_sequences,
-    check_image_voxels,
-    check_label_values,
     load_nifti,
     load_voxels,
 )
+from custom.data.cases import check_same_grid
 
 logger = logging.getLogger(__name__)
-
-
-def _convention(convention: str | LabelConvention) -> LabelConvention:
-    if isinstance(convention, LabelConvention):
-        return convention
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown label convention {convention!r}; expected one of {sorted(CONVENTIONS)}")
-    return CONVENTIONS[convention]
-
-
-def _source(img) -> str:
-    name = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
-    return f"case {case_id_from_path(name)}: {name}" if name else "label"
-
-
-class LabelToRegions(Transform):
-    """Integer label ``(1, H, W, D)`` or ``(H, W, D)`` -> region masks ``(3, H, W, D)`` (TC, WT, ET).
-
-    Values outside ``convention`` raise ``BraTSDataError`` naming the file. Output dtype: ``dtype``.
-    """
-
-    def __init__(self, convention: str | LabelConvention, dtype=torch.float32) -> None:
-        self.convention = _convention(convention)
-        self.dtype = dtype
-
-    def __call__(self, img):
-        lab = img[0] if img.ndim == 4 and img.shape[0] == 1 else img
-        if lab.ndim != 3:
-            raise ValueError(f"{_source(img)}: expected a (1, H, W, D) or (H, W, D) label, got shape {tuple(img.shape)}")
-        lab_t = torch.as_tensor(lab)
-        check_label_values(lab_t.cpu().numpy(), self.convention, _source(img))
-        regions = torch.stack([torch.isin(lab_t, torch.tensor(self.convention.region_labels[r], device=lab_t.device)) for r in REGIONS])
-        out, *_ = convert_to_dst_type(regions, img, dtype=self.dtype)
-        return out
-
-
-class RegionsToLabel(Transform):
-    """Region masks ``(3, H, W, D)`` (TC, WT, ET; boolean or 0/1) -> integer label ``(1, H, W, D)``.
-
-    ED where WT, NCR where TC, ET where ET (each overriding the previous), as uint8.
-    """
-
-    def __init__(self, convention: str | LabelConvention) -> None:
-        self.convention = _convention(convention)
-
-    def __call__(self, img):
-        if img.ndim != 4 or img.shape[0] != len(REGIONS):
-            raise ValueError(f"expected region masks of shape (3, H, W, D) (TC, WT, ET), got {tuple(img.shape)}")
-        regions = torch.as_tensor(img) > 0.5
-        tc, wt, et = (regions[REGIONS.index(r)] for r in ("TC", "WT", "ET"))
-        c = self.convention
-        label = torch.zeros_like(wt, dtype=torch.uint8)
-        label[wt] = c.ed
-        label[tc] = c.ncr
-        label[et] = c.et
-        out, *_ = convert_to_dst_type(label[None], img, dtype=torch.uint8)
-        return out
-
-
-class LabelToRegionsd(MapTransform):
-    """Dictionary version of :class:`LabelToRegions`."""
-
-    def __init__(self, keys: KeysCollection, convention: str | LabelConvention, dtype=torch.float32, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.converter = LabelToRegions(convention, dtype)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor | np.ndarray]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
-
-
-class RegionsToLabeld(MapTransform):
-    """Dictionary version of :class:`RegionsToLabel`."""
-
-    def __init__(self, keys: KeysCollection, convention: str | LabelConvention, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.converter = RegionsToLabel(convention)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor | np.ndarray]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
-
 
 class CheckedLoadImaged(LoadImaged):
     """``LoadImaged`` for BraTS cases whose every failure is a ``BraTSDataError`` naming the case and the file.
 
-    Before loading, each file's header is checked (``custom.brats.load_nifti``: a readable NIfTI
+    Before loading, each file's header is checked (``custom.data.load_nifti``: a readable NIfTI
     file, size limit checked before any voxel is read, finite non-degenerate affine, not truncated)
     and all files of the item (the modalities and the label) must share one grid (shape and
     affine). A file that still fails to load (a corrupt gzip stream) is named. After loading, every
     channel of ``image_keys`` must be finite, not all zero and within
-    ``custom.brats.MAX_ABS_INTENSITY`` (``custom.brats.check_image_voxels``), and have
+    ``custom.data.MAX_ABS_INTENSITY`` (``custom.data.check_image_voxels``), and have
     ``num_channels`` channels (the four modalities); other keys (the label) one channel. The case
-    id is the item's ``case_id`` (the datalists of ``custom.datalist`` carry it), else derived from
+    id is the item's ``case_id`` (the datalists of ``custom.data.datalist`` carry it), else derived from
     the first file name.
 
-    Missing sequences: when the item has ``sequences`` (names of ``custom.brats.MODALITIES``, a list
+    Missing sequences: when the item has ``sequences`` (names of ``custom.data.MODALITIES``, a list
     or a comma-separated string, as ``BraTSCase.to_dict`` writes it) naming fewer than four, its
     image files are those sequences' files in canonical order; they are loaded and checked as
     above, then scattered into a ``(4, H, W, D)`` image in canonical order T1, T1ce, T2, FLAIR with
@@ -189,7 +94,7 @@ class CheckedLoadImaged(LoadImaged):
                     raise BraTSDataError(f"case {case_id}: {path}: expected a 3D image, got shape {headers[path].shape}")
         ref_path, ref = next(iter(headers.items()))
         for path, img in list(headers.items())[1:]:
-            _check_same_grid(case_id, ref_path, ref, path, img)
+            check_same_grid(case_id, ref_path, ref, path, img)
         try:
             out = super().__call__(d, reader)
         except BraTSDataError:
@@ -248,63 +153,6 @@ def _scatter(img, sequences: tuple[str, ...]):
     return full
 
 
-class ZeroBackground(Transform):
-    """Set a constant non-zero background to 0, channel by channel: image ``(C, H, W, D)`` -> same shape.
-
-    Skull-stripped MRI z-scored before release (e.g. BraTS 2015 as redistributed with DeepMedic,
-    ``*_subtrMeanDivStd.nii.gz``) has the brain z-scored and everything outside it set to one value,
-    the image minimum (e.g. -3.16); the pipeline assumes a zero background (``CropForegroundd``
-    selects x > 0, ``NormalizeIntensityd(nonzero=True)`` normalises the non-zero voxels). For each
-    channel: if its 8 corner voxels all equal one value v, v is the channel's minimum and v != 0,
-    the voxels equal to v become 0; other voxels, and every channel whose background is already 0
-    (standard int16 BraTS data), are unchanged. Runs right after loading, before any resampling
-    (which would blend the constant into the brain border). Returns the channels changed in
-    ``last_changed`` ``{channel: v}``.
-    """
-
-    def __init__(self) -> None:
-        self.last_changed: dict[int, float] = {}
-
-    def __call__(self, img):
-        self.last_changed = {}
-        if img.ndim != 4:
-            raise ValueError(f"expected a (C, H, W, D) image, got shape {tuple(img.shape)}")
-        t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
-        out = None
-        for c in range(t.shape[0]):
-            x = t[c]
-            corners = torch.as_tensor(x[[0, -1]][:, [0, -1]][:, :, [0, -1]]).reshape(-1)
-            v = corners[0]
-            if not bool((corners == v).all()) or float(v) == 0 or bool((x < v).any()):
-                continue
-            if out is None:
-                out = t.clone()
-            out[c] = torch.where(x == v, torch.zeros_like(x), x)
-            self.last_changed[c] = float(v)
-        if out is None:
-            return img
-        return out if isinstance(img, torch.Tensor) else out.numpy()
-
-
-class ZeroBackgroundd(MapTransform):
-    """Dictionary version of :class:`ZeroBackground`; logs each case whose background it changed."""
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.converter = ZeroBackground()
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor | np.ndarray]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-            if self.converter.last_changed:
-                name = d[key].meta.get("filename_or_obj") if isinstance(d[key], MetaTensor) else None
-                case = d.get("case_id") or (case_id_from_path(name) if name else key)
-                changed = ", ".join(f"channel {c} ({MODALITIES[c] if d[key].shape[0] == len(MODALITIES) else c}): {v:.4g}" for c, v in self.converter.last_changed.items())
-                logger.info(f"case {case}: constant background set to 0 ({changed})")
-        return d
-
-
 class SequenceNiftiWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` that writes the sequences the prediction was made from into the NIfTI
     header's ``descrip`` field, e.g. ``"sequences: t1ce,flair"`` (from ``meta["sequences"]``, set by
@@ -312,7 +160,7 @@ class SequenceNiftiWriter(NibabelWriter):
 
     Each file is written beside its destination under a hidden temporary name and renamed into place,
     so a full disk or a killed process never leaves a partial file under the output's name; a write
-    that fails raises ``custom.brats.OutputError`` naming the file."""
+    that fails raises ``custom.data.OutputError`` naming the file."""
 
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options):
         seq = (meta_dict or {}).get("sequences")
@@ -332,14 +180,10 @@ class SequenceNiftiWriter(NibabelWriter):
             header.set_data_dtype(np.dtype(dtype))
             obj_kwargs["header"] = header
         final = os.fspath(filename)
-        folder, name = os.path.split(final)
-        tmp = os.path.join(folder, f".partial-{os.getpid()}-{name}")  # same suffix: nibabel picks the format by it
         try:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                super().write(str(tmp), verbose=verbose, **obj_kwargs)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
             raise OutputError(f"{final}: cannot be written ({type(e).__name__}: {e.strerror or e}); no file left under this name") from e
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from ignite.engine import Engine, Events
 
-from custom.brats import BraTSDataError, OutputError, list_cases, validate_case
+from custom.data.cases import list_cases, validate_case
+from custom.data.errors import BraTSDataError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class CheckedCases:
 
 
 def check_cases(dataset_dir: str | os.PathLike) -> CheckedCases:
-    """Every case of ``dataset_dir`` checked in full (``custom.brats.validate_case`` with voxels).
+    """Every case of ``dataset_dir`` checked in full (``custom.data.validate_case`` with voxels).
 
     A folder that cannot be listed at all, or in which no case passes, raises ``BraTSDataError``.
     """

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+from devtools import REPO
+
 APP = REPO / "monailabel_app"
 VENV_BIN = Path(sys.executable).parent
 CONFIGS = "inference.json,quick.json"
@@ -45,6 +46,7 @@ def bundle_copy(root: Path, with_weights: bool, overrides: dict | None = None) -
     if str(APP) not in sys.path:
         sys.path.insert(0, str(APP))  # the app's own `lib` package, as the launcher does
     import torch
+
     from lib.bundle_config import load_bundle_config
 
     shutil.copytree(REPO / "bundle" / "configs", root / "configs")

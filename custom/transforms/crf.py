@@ -6,7 +6,7 @@ bundle's ``AsDiscreted(threshold=0.5)`` and ``RegionsToLabeld`` run on its outpu
 
 Input / output (channel-first, one case, no batch dimension):
 
-* ``pred``: ``(3, H, W, D)`` region probabilities in [0, 1], channels ``custom.brats.REGIONS``
+* ``pred``: ``(3, H, W, D)`` region probabilities in [0, 1], channels ``custom.data.REGIONS``
   = (TC, WT, ET); output: the same shape, dtype and type (``MetaTensor`` meta kept).
 * ``image``: ``(4, H, W, D)`` MRI (T1, T1ce, T2, FLAIR), z-score normalised over the brain with
   background exactly 0, on the *same grid* as ``pred``. The voxel spacing (mm) comes from the
@@ -68,7 +68,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage as ndi
 
-from custom.brats import MODALITIES, REGIONS
+from custom.data import MODALITIES, REGIONS
 
 logger = logging.getLogger(__name__)
 

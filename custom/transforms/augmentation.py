@@ -17,7 +17,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 
-from custom.brats import MODALITIES, REQUIRED_ANY
+from custom.data import MODALITIES, REQUIRED_ANY
 
 
 def usable_subsets() -> list[tuple[str, ...]]:

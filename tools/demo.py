@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
+from devtools import CONFIGS, REPO
+
 TRAIN_CASES, HELDOUT_CASES = 40, 8
 
 
@@ -58,7 +57,7 @@ def make_data(train_dir: Path, heldout_dir: Path, train_cases: int, heldout_case
             print(f"[data] using the existing {out}")
             continue
         start = time.perf_counter()
-        write_dataset(out, cases, seed=seed, layout="2021", size="small")
+        write_dataset(out, cases, seed=seed, layout="brats2021", size="small")
         print(f"[data] wrote {cases} synthetic cases to {out} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--bundle_root", str(run)]
 
     times = {}
-    from custom.brats import list_cases
+    from custom.data import list_cases
 
     case = list_cases(heldout_dir)[0]
     one, two = run / "one_case", run / "one_case_flair_t1ce"
@@ -169,7 +168,7 @@ def _render_prediction(case, pred_path: Path, png: Path, what: str) -> None:
 
     images = [np.asarray(nib.load(p).dataobj) for p in case.images]
     pred = nib.load(pred_path)
-    render_case(images, np.asarray(pred.dataobj), png, affine=pred.affine, convention="2021",
+    render_case(images, np.asarray(pred.dataobj), png, affine=pred.affine, convention="brats2021",
                 title=f"{case.case_id}: predicted label over FLAIR ({what})")
 
 

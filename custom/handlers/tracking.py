@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+
+from custom.atomic_files import atomic_write
 
 logger = logging.getLogger(__name__)
 _MLFLOW_METHODS = ("start", "iteration_completed", "epoch_completed", "complete", "close")
@@ -115,9 +116,7 @@ def run_name(ckpt_dir: str | os.PathLike, resume_path: str | None = None, save: 
     name = f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
     if save and int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 tracks
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(name + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, name + "\n")
     return name
 
 
@@ -153,42 +152,3 @@ def git_commit(repo: str | os.PathLike | None = None) -> str:
     if out.returncode != 0:
         return "unknown"
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-class ValidationOverlay:
-    """Validation handler: after each validation, a PNG of the first case (four modalities and the
-    predicted label over FLAIR on the axial slice with most tumour), for the MLflow run and humans.
-
-    Expects the evaluator's output to hold ``image`` ``(B, 4, H, W, D)`` and ``pred`` region masks
-    ``(B, 3, H, W, D)``; the label values follow ``convention``.
-    """
-
-    def __init__(self, path: str | os.PathLike, convention) -> None:
-        from custom.transforms import RegionsToLabel
-
-        self.path = Path(path)
-        self.to_label = RegionsToLabel(convention)
-        self.convention = self.to_label.convention.name.removeprefix("brats")
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        from custom.render import render_case
-
-        if engine.state.iteration != 1 + (engine.state.epoch - 1) * engine.state.epoch_length:
-            return  # only the epoch's first case
-        out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
-        batch = engine.state.batch[0] if isinstance(engine.state.batch, list) else engine.state.batch
-        image, pred = out["image"], out["pred"]
-        affine = image.affine.cpu().numpy() if hasattr(image, "affine") else None
-        label = self.to_label(pred.detach().cpu())[0].numpy()
-        img = image.detach().cpu().float().numpy()
-        brain = (img != 0).any(axis=0)
-        # z-scored channels have negative values; shift each to be positive inside the brain for display
-        channels = [((c - c[brain].min() + 1e-3) * brain) if brain.any() else c for c in img]
-        try:
-            render_case(channels, label, self.path, affine=affine, convention=self.convention,
-                        title=f"validation case {batch.get('case_id', '')}: prediction (epoch {engine.state.epoch})")
-        except Exception as e:  # a picture must never stop training
-            logger.warning(f"could not write {self.path}: {e}")

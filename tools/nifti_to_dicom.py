@@ -1,14 +1,14 @@
 """BraTS cases as DICOM MR studies, and back: the bridge to a PACS (DICOMweb, e.g. Orthanc).
 
-``write_study`` writes one case (any layout ``custom.brats`` reads: a BraTS 2021 / 2023 case folder,
+``write_study`` writes one case (any layout ``custom.data`` reads: a BraTS 2021 / 2023 case folder,
 or a 4D MSD Task01 image) as one DICOM MR study with four series, one per modality, in the
 project's canonical order T1, T1ce, T2, FLAIR (series numbers 1..4, series descriptions ``T1``,
 ``T1ce``, ``T2``, ``FLAIR``), sharing one StudyInstanceUID and one FrameOfReferenceUID (the four
 modalities of a BraTS case are co-registered on one grid). ``stow`` uploads it with STOW-RS::
 
-    python -m custom.dicom data/synth/BraTS2021_00000 --out /tmp/dicom [--stow http://127.0.0.1:8042/dicom-web]
-    python -m custom.dicom data/synth --case BraTS2021_00000 --case BraTS2021_00001 --out /tmp/dicom
-    python -m custom.dicom data/msd/imagesTr/BRATS_001.nii.gz --out /tmp/dicom
+    python -m tools.nifti_to_dicom data/synth/BraTS2021_00000 --out /tmp/dicom [--stow http://127.0.0.1:8042/dicom-web]
+    python -m tools.nifti_to_dicom data/synth --case BraTS2021_00000 --case BraTS2021_00001 --out /tmp/dicom
+    python -m tools.nifti_to_dicom data/msd/imagesTr/BRATS_001.nii.gz --out /tmp/dicom
 
 Geometry. NIfTI affines map voxel indices (i, j, k) to RAS+ millimetres, DICOM uses LPS+:
 ``A_lps = diag(-1, -1, 1, 1) @ A_ras``. Slice ``k`` of the NIfTI volume becomes one instance whose
@@ -27,8 +27,8 @@ UIDs are derived (``pydicom.uid.generate_uid`` entropy) from the case id and a h
 voxels and affines, so converting the same case twice gives the same UIDs (re-uploading it does not
 duplicate it in the PACS) while different data never collide.
 
-``SERIES_RULES`` / ``match_series`` find the four modality series of a study from their
-SeriesDescription (used by the MONAI Label DICOMweb datastore; configurable rules).
+Series descriptions are ``custom.data.SEQUENCE_NAMES``; ``custom.data.dicom_series`` matches them
+back (the MONAI Label DICOMweb datastore).
 """
 
 from __future__ import annotations
@@ -44,111 +44,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from custom.brats import (
-    LAYOUTS,
-    MODALITIES,
-    REQUIRED_ANY,
-    BraTSCase,
-    BraTSDataError,
-    detect_layout,
-    list_cases,
-    load_nifti,
-    load_voxels,
-    strip_nifti_suffix,
-    validate_case,
-)
+from custom.data import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES, BraTSCase, BraTSDataError, list_cases, load_case
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-SERIES_DESCRIPTIONS = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
-"""SeriesDescription written for each modality (canonical order = series numbers 1..4)."""
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-# Token boundaries for the description rules: letters and digits are word characters, "_", "-",
-# spaces, "+" etc. separate tokens ("AX_T2_FLAIR", "t1-ce", "T1 +C").
-_B, _E = r"(?<![a-z0-9])", r"(?![a-z0-9])"
-SERIES_RULES: dict[str, str] = {
-    "flair": rf"flair|{_B}t2[\s_-]*f{_E}|dark[\s_-]*fluid",
-    "t1ce": rf"{_B}t1(w)?[\s_-]*(ce|c|gd|gad|post|\+\s*c|\+\s*gd|\+){_E}|{_B}t1.*{_B}(post|gd|gad|contrast|ce|\+\s*c|c\+)(?![a-z0-9])",
-    "t2": rf"{_B}t2(w)?{_E}",
-    "t1": rf"{_B}t1(w|n)?{_E}|mprage|spgr",
-}
-"""Default rules: a case-insensitive ``re.search`` on SeriesDescription per modality. A series goes to
-the first modality whose rule matches, tried in ``RULE_ORDER`` (FLAIR before T2, T1ce before T1, so
-"T2 FLAIR" is a FLAIR and "T1 post Gd" a T1ce)."""
-RULE_ORDER = ("flair", "t1ce", "t2", "t1")
-
-
 class DicomConversionError(ValueError):
     """A volume or affine that cannot be written as a DICOM image plane, or a failed upload."""
-
-
-class SeriesMatchError(LookupError):
-    """A study whose MR series do not give exactly one series per modality."""
-
-
-# ----------------------------------------------------------------------------------- reading cases
-
-
-def load_case(path: str | os.PathLike, case_id: str | None = None) -> tuple[BraTSCase, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The case at ``path`` and its four volumes ``{modality: (array (H, W, D), RAS affine)}``.
-
-    ``path``: a BraTS 2021 / 2023 case folder, a 4D MSD image (channel order from the
-    ``dataset.json`` two folders up, else MSD's FLAIR, T1w, t1gd, T2w), or a dataset folder of any
-    layout with ``case_id`` naming the case. Raises ``BraTSDataError`` naming what is wrong.
-    """
-    case = find_case(path, case_id)
-    validate_case(case)
-    volumes = {}
-    if len(case.images) == 1:  # MSD: one 4D file, reordered to the canonical order
-        img = load_nifti(case.images[0], case.case_id)
-        data = load_voxels(img, case.images[0], case.case_id)
-        for m, c in zip(MODALITIES, case.layout.channel_index):
-            volumes[m] = (np.asarray(data[..., c]), img.affine)
-    else:
-        for m, p in zip(case.sequences, case.images):  # a case may lack some sequences (custom.brats.REQUIRED_ANY)
-            img = load_nifti(p, case.case_id)
-            volumes[m] = (np.asarray(load_voxels(img, p, case.case_id)), img.affine)
-    return case, volumes
-
-
-def find_case(path: str | os.PathLike, case_id: str | None = None) -> BraTSCase:
-    p = Path(path)
-    if case_id is not None:
-        cases = {c.case_id: c for c in list_cases(p, check="none")}
-        if case_id not in cases:
-            raise BraTSDataError(f"{p}: no case {case_id!r} (cases: {', '.join(sorted(cases)[:10])}{' ...' if len(cases) > 10 else ''})")
-        return cases[case_id]
-    if p.is_file():  # one 4D MSD image
-        stem = strip_nifti_suffix(p.name)
-        if stem is None:
-            raise BraTSDataError(f"{p}: not a NIfTI file")
-        root = p.parent.parent
-        layout = detect_layout(root) if (root / "dataset.json").is_file() else LAYOUTS["msd"]
-        return BraTSCase(stem, (str(p),), None, layout)
-    if not p.is_dir():
-        raise BraTSDataError(f"{p} does not exist")
-    for layout in (LAYOUTS["brats2021"], LAYOUTS["brats2023"]):
-        files = []
-        for s in layout.suffixes[:4]:
-            hits = [q for q in (p / f"{p.name}{layout.separator}{s}{ext}" for ext in (".nii.gz", ".nii")) if q.is_file()]
-            files.append(hits[0] if hits else None)
-        if all(files):
-            seg = [q for q in (p / f"{p.name}{layout.separator}seg{ext}" for ext in (".nii.gz", ".nii")) if q.is_file()]
-            return BraTSCase(p.name, tuple(str(f) for f in files), str(seg[0]) if seg else None, layout)
-        if any(files):
-            missing = [s for s, f in zip(layout.suffixes[:4], files) if f is None]
-            raise BraTSDataError(f"case {p.name}: missing modality {', '.join(missing)} in {p}")
-    raise BraTSDataError(
-        f"{p}: not a BraTS case folder (expected {p.name}_{{t1,t1ce,t2,flair}}.nii.gz or {p.name}-{{t1n,t1c,t2w,t2f}}.nii.gz); "
-        f"for a dataset folder pass --case ID"
-    )
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -236,7 +144,8 @@ class StudyInfo:
             "FrameOfReferenceUID": self.frame_of_reference_uid,
             "PatientID": self.patient_id,
             "folder": self.folder,
-            "series": {m: {"SeriesInstanceUID": s.series_uid, "SeriesDescription": s.description, "SeriesNumber": s.number, "instances": len(s.files)} for m, s in self.series.items()},
+            "series": {m: {"SeriesInstanceUID": s.series_uid, "SeriesDescription": s.description, "SeriesNumber": s.number, "instances": len(s.files)}
+                       for m, s in self.series.items()},
         }
 
 
@@ -391,11 +300,11 @@ def write_study(
         uid = generate_uid(entropy_srcs=[case.case_id, digest, "series", m])
         source = case.images[0] if len(case.images) == 1 and case.complete else case.images[case.sequences.index(m)]
         files = write_series(
-            arr, affine, folder / f"{number:02d}_{SERIES_DESCRIPTIONS[m]}",
-            study=study, series_uid=uid, series_number=number, description=SERIES_DESCRIPTIONS[m],
+            arr, affine, folder / f"{number:02d}_{SEQUENCE_NAMES[m]}",
+            study=study, series_uid=uid, series_number=number, description=SEQUENCE_NAMES[m],
             derivation=f"{case.layout.name} case {case.case_id}, {m}, from {os.path.basename(source)}",
         )
-        series[m] = SeriesInfo(m, uid, SERIES_DESCRIPTIONS[m], number, files)
+        series[m] = SeriesInfo(m, uid, SEQUENCE_NAMES[m], number, files)
     info = StudyInfo(case.case_id, study_uid, for_uid, study.PatientID, series, str(folder))
     (folder / "study.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
     return info
@@ -439,91 +348,12 @@ def stow(files: Iterable[str], client_or_url, batch_size: int = 64) -> int:
     return stored
 
 
-# ------------------------------------------------------------------------------- series matching
-
-
-def parse_rules(rules: str | Mapping[str, str] | None) -> dict[str, re.Pattern]:
-    """Compile description rules: ``None`` = ``SERIES_RULES``; a mapping or a JSON object text of
-    modality -> regex overriding some of them; or the path of a JSON file holding such an object."""
-    given: Mapping[str, str] = {}
-    if isinstance(rules, str) and rules.strip():
-        text = rules.strip()
-        if not text.startswith("{"):
-            try:
-                text = Path(text).read_text()
-            except OSError as e:
-                raise ValueError(f"series rules: {rules!r} is neither a JSON object nor a readable file ({e})") from e
-        try:
-            given = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"series rules must be a JSON object of modality -> regular expression: {e}") from e
-    elif isinstance(rules, Mapping):
-        given = rules
-    if not isinstance(given, Mapping):
-        raise ValueError("series rules must be a JSON object of modality -> regular expression")
-    unknown = sorted(set(given) - set(MODALITIES))
-    if unknown:
-        raise ValueError(f"series rules: unknown modality {unknown}; use {list(MODALITIES)}")
-    merged = {**SERIES_RULES, **given}
-    compiled = {}
-    for m in RULE_ORDER:
-        try:
-            compiled[m] = re.compile(merged[m], re.IGNORECASE)
-        except re.error as e:
-            raise ValueError(f"series rules: {m}: invalid regular expression {merged[m]!r}: {e}") from e
-    return compiled
-
-
-def classify(description: str, rules: Mapping[str, re.Pattern]) -> str | None:
-    """The modality of a series description (first rule in ``RULE_ORDER`` that matches), or None."""
-    for m in RULE_ORDER:
-        if rules[m].search(description or ""):
-            return m
-    return None
-
-
-def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], where: str = "study", allow_missing: bool = False) -> dict[str, Mapping]:
-    """Pick one series per modality from ``series`` (dicts with ``SeriesInstanceUID``,
-    ``SeriesDescription``, ``SeriesNumber``). Raises ``SeriesMatchError`` listing every series found
-    when a modality has none or several.
-
-    ``allow_missing``: modalities without a series are left out of the result (canonical order)
-    as long as FLAIR or T2 has one (``custom.brats.REQUIRED_ANY``: what the model needs); several
-    series for one modality are still an error."""
-    hits: dict[str, list[Mapping]] = {m: [] for m in MODALITIES}
-    for s in series:
-        m = classify(str(s.get("SeriesDescription") or ""), rules)
-        if m:
-            hits[m].append(s)
-    missing = [SERIES_DESCRIPTIONS[m] for m in MODALITIES if not hits[m]]
-    several = {SERIES_DESCRIPTIONS[m]: h for m, h in hits.items() if len(h) > 1}
-    if allow_missing and any(hits[m] for m in REQUIRED_ANY):
-        missing = []
-    if missing or several:
-        listing = "; ".join(
-            f"#{s.get('SeriesNumber', '?')} {str(s.get('SeriesDescription') or '')!r} ({s.get('Modality', '?')}) -> "
-            f"{SERIES_DESCRIPTIONS.get(classify(str(s.get('SeriesDescription') or ''), rules) or '', 'no modality')}"
-            for s in sorted(series, key=lambda s: (str(s.get("SeriesNumber", "")), str(s.get("SeriesDescription", ""))))
-        ) or "no series"
-        problems = []
-        if missing:
-            problems.append(f"no series for {', '.join(missing)}")
-        for name, h in several.items():
-            problems.append(f"{len(h)} series match {name}")
-        need = "one series of FLAIR or T2 and at most one each of T1, T1ce, T2, FLAIR" if allow_missing else "exactly one each of T1, T1ce, T2, FLAIR"
-        raise SeriesMatchError(
-            f"{where}: {'; '.join(problems)} (need {need}; series found: {listing}); "
-            f"adjust the SeriesDescription rules (--conf dicomweb_series_rules)"
-        )
-    return {m: hits[m][0] for m in MODALITIES if hits[m]}
-
-
 # ------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m custom.dicom CASE --out DIR [--stow URL]``: a BraTS case as a DICOM MR study."""
-    parser = argparse.ArgumentParser(prog="python -m custom.dicom", description=main.__doc__)
+    """``python -m tools.nifti_to_dicom CASE --out DIR [--stow URL]``: a BraTS case as a DICOM MR study."""
+    parser = argparse.ArgumentParser(prog="python -m tools.nifti_to_dicom", description=main.__doc__)
     parser.add_argument("path", help="a BraTS 2021/2023 case folder, a 4D MSD image, or a dataset folder (with --case)")
     parser.add_argument("--case", action="append", help="case id inside a dataset folder (repeatable; 'all' for every case)")
     parser.add_argument("--out", required=True, help="output folder; the study goes to OUT/<case id>/")

@@ -18,7 +18,9 @@ import json
 import os
 from pathlib import Path
 
-from custom.brats import BraTSDataError, list_cases
+from custom.atomic_files import atomic_write
+from custom.data.cases import list_cases
+from custom.data.errors import BraTSDataError
 
 
 def kfold_split(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> dict[str, int]:
@@ -32,7 +34,7 @@ def kfold_split(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> dict[st
 
 
 def make_datalist(dataset_dir: str | os.PathLike, n_folds: int = 5, seed: int = 0, check: str = "header") -> dict:
-    """Decathlon-format datalist of ``dataset_dir`` (any layout ``custom.brats`` detects)."""
+    """Decathlon-format datalist of ``dataset_dir`` (any layout ``custom.data`` detects)."""
     cases = list_cases(dataset_dir, check=check)
     labelled = [c for c in cases if c.label is not None]
     folds = kfold_split([c.case_id for c in labelled], n_folds, seed)
@@ -53,7 +55,7 @@ def select_fold(datalist: dict, fold: int, validation: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m custom.datalist --dataset_dir DIR --out datalist.json [--folds 5 --seed 0]``."""
+    """``python -m custom.data.datalist --dataset_dir DIR --out datalist.json [--folds 5 --seed 0]``."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--out", required=True)
@@ -65,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BraTSDataError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(datalist, indent=2))
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(datalist, indent=2))
     print(f"{out}: {len(datalist['training'])} labelled cases in {args.folds} folds, {len(datalist['testing'])} unlabelled")
     return 0
 

@@ -7,13 +7,13 @@ has no option to bind its HTTP server to one address: it listens on every interf
 ``HttpPort`` and the storage folder are filled in per run (Orthanc reads only integers for ports,
 no environment variables), and the rendered file is written next to the database::
 
-    python -m custom.orthanc [--port 8042] [--storage DIR]    # foreground, Ctrl-C stops it
+    python -m devtools.orthanc [--port 8042] [--storage DIR]    # foreground, Ctrl-C stops it
     make orthanc [ORTHANC_PORT=8042]
 
     with Orthanc() as pacs:        # a free port and a temporary database, removed afterwards
         pacs.dicomweb_url          # http://127.0.0.1:PORT/dicom-web
 
-The packages are installed when missing (``custom.debian.apt_install``: root and apt-get needed).
+The packages are installed when missing (``devtools.debian.apt_install``: root and apt-get needed).
 On a machine with systemd, installing the package also starts Debian's own ``orthanc`` service
 (port 8042, /etc/orthanc); this module's instances are independent of it (pick another port).
 """
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import requests
 
-from custom.debian import AptUnavailable, apt_install
+from devtools import REPO
+from devtools.debian import AptUnavailable, apt_install
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "monailabel_app" / "orthanc" / "orthanc.json"
 PACKAGES = ("orthanc", "orthanc-dicomweb")
 BINARY = "Orthanc"
@@ -139,8 +139,8 @@ class Orthanc:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m custom.orthanc``: run the project's Orthanc in the foreground (Ctrl-C stops it)."""
-    parser = argparse.ArgumentParser(prog="python -m custom.orthanc", description=main.__doc__)
+    """``python -m devtools.orthanc``: run the project's Orthanc in the foreground (Ctrl-C stops it)."""
+    parser = argparse.ArgumentParser(prog="python -m devtools.orthanc", description=main.__doc__)
     parser.add_argument("--port", type=int, default=8042)
     parser.add_argument("--storage", help="database folder, kept (default: a temporary folder, deleted on exit)")
     parser.add_argument("--install-only", action="store_true", help="install the Debian packages when missing, then exit")

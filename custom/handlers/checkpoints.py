@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,14 @@ def _unwrap(network: nn.Module) -> nn.Module:
 
 
 def network_class(network: nn.Module) -> str:
-    """Dotted class path of ``network`` (unwrapped from (Distributed)DataParallel), e.g. ``custom.networks.SwinUNETRAttSE``."""
+    """Dotted class path of ``network`` (unwrapped from (Distributed)DataParallel) through the shortest
+    package that exports it, e.g. ``custom.networks.SwinUNETRAttSE``, ``monai.networks.nets.UNet``."""
     cls = type(_unwrap(network))
+    parts = cls.__module__.split(".")
+    for k in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:k])
+        if getattr(sys.modules.get(prefix), cls.__qualname__, None) is cls:
+            return f"{prefix}.{cls.__qualname__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
