@@ -1,0 +1,109 @@
+"""DICOM series of a study -> BraTS sequences, by SeriesDescription (configurable rules).
+
+``SERIES_RULES`` / :func:`match_series` find the modality series of a study (used by the MONAI
+Label DICOMweb datastore); series written by ``tools/nifti_to_dicom.py`` are described with
+``custom.data.SEQUENCE_NAMES`` (T1, T1ce, T2, FLAIR).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES
+
+# Token boundaries for the description rules: letters and digits are word characters, "_", "-",
+# spaces, "+" etc. separate tokens ("AX_T2_FLAIR", "t1-ce", "T1 +C").
+_B, _E = r"(?<![a-z0-9])", r"(?![a-z0-9])"
+SERIES_RULES: dict[str, str] = {
+    "flair": rf"flair|{_B}t2[\s_-]*f{_E}|dark[\s_-]*fluid",
+    "t1ce": rf"{_B}t1(w)?[\s_-]*(ce|c|gd|gad|post|\+\s*c|\+\s*gd|\+){_E}|{_B}t1.*{_B}(post|gd|gad|contrast|ce|\+\s*c|c\+)(?![a-z0-9])",
+    "t2": rf"{_B}t2(w)?{_E}",
+    "t1": rf"{_B}t1(w|n)?{_E}|mprage|spgr",
+}
+"""Default rules: a case-insensitive ``re.search`` on SeriesDescription per modality. A series goes to
+the first modality whose rule matches, tried in ``RULE_ORDER`` (FLAIR before T2, T1ce before T1, so
+"T2 FLAIR" is a FLAIR and "T1 post Gd" a T1ce)."""
+RULE_ORDER = ("flair", "t1ce", "t2", "t1")
+
+
+class SeriesMatchError(LookupError):
+    """A study whose MR series do not give exactly one series per modality."""
+
+
+def parse_rules(rules: str | Mapping[str, str] | None) -> dict[str, re.Pattern]:
+    """Compile description rules: ``None`` = ``SERIES_RULES``; a mapping or a JSON object text of
+    modality -> regex overriding some of them; or the path of a JSON file holding such an object."""
+    given: Mapping[str, str] = {}
+    if isinstance(rules, str) and rules.strip():
+        text = rules.strip()
+        if not text.startswith("{"):
+            try:
+                text = Path(text).read_text()
+            except OSError as e:
+                raise ValueError(f"series rules: {rules!r} is neither a JSON object nor a readable file ({e})") from e
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"series rules must be a JSON object of modality -> regular expression: {e}") from e
+    elif isinstance(rules, Mapping):
+        given = rules
+    if not isinstance(given, Mapping):
+        raise ValueError("series rules must be a JSON object of modality -> regular expression")
+    unknown = sorted(set(given) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"series rules: unknown modality {unknown}; use {list(MODALITIES)}")
+    merged = {**SERIES_RULES, **given}
+    compiled = {}
+    for m in RULE_ORDER:
+        try:
+            compiled[m] = re.compile(merged[m], re.IGNORECASE)
+        except re.error as e:
+            raise ValueError(f"series rules: {m}: invalid regular expression {merged[m]!r}: {e}") from e
+    return compiled
+
+
+def classify(description: str, rules: Mapping[str, re.Pattern]) -> str | None:
+    """The modality of a series description (first rule in ``RULE_ORDER`` that matches), or None."""
+    for m in RULE_ORDER:
+        if rules[m].search(description or ""):
+            return m
+    return None
+
+
+def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], where: str = "study", allow_missing: bool = False) -> dict[str, Mapping]:
+    """Pick one series per modality from ``series`` (dicts with ``SeriesInstanceUID``,
+    ``SeriesDescription``, ``SeriesNumber``). Raises ``SeriesMatchError`` listing every series found
+    when a modality has none or several.
+
+    ``allow_missing``: modalities without a series are left out of the result (canonical order)
+    as long as FLAIR or T2 has one (``custom.data.REQUIRED_ANY``: what the model needs); several
+    series for one modality are still an error."""
+    hits: dict[str, list[Mapping]] = {m: [] for m in MODALITIES}
+    for s in series:
+        m = classify(str(s.get("SeriesDescription") or ""), rules)
+        if m:
+            hits[m].append(s)
+    missing = [SEQUENCE_NAMES[m] for m in MODALITIES if not hits[m]]
+    several = {SEQUENCE_NAMES[m]: h for m, h in hits.items() if len(h) > 1}
+    if allow_missing and any(hits[m] for m in REQUIRED_ANY):
+        missing = []
+    if missing or several:
+        listing = "; ".join(
+            f"#{s.get('SeriesNumber', '?')} {str(s.get('SeriesDescription') or '')!r} ({s.get('Modality', '?')}) -> "
+            f"{SEQUENCE_NAMES.get(classify(str(s.get('SeriesDescription') or ''), rules) or '', 'no modality')}"
+            for s in sorted(series, key=lambda s: (str(s.get("SeriesNumber", "")), str(s.get("SeriesDescription", ""))))
+        ) or "no series"
+        problems = []
+        if missing:
+            problems.append(f"no series for {', '.join(missing)}")
+        for name, h in several.items():
+            problems.append(f"{len(h)} series match {name}")
+        need = "one series of FLAIR or T2 and at most one each of T1, T1ce, T2, FLAIR" if allow_missing else "exactly one each of T1, T1ce, T2, FLAIR"
+        raise SeriesMatchError(
+            f"{where}: {'; '.join(problems)} (need {need}; series found: {listing}); "
+            f"adjust the SeriesDescription rules (--conf dicomweb_series_rules)"
+        )
+    return {m: hits[m][0] for m in MODALITIES if hits[m]}
