@@ -240,8 +240,8 @@ def run_bundle(config_files, data: Path, out_dir: Path, use_crf: bool, bundle_ro
         settings["bundle_root"] = str(bundle_root)
     else:  # no checkpoint to load; the datalist carries the label for the oracle
         settings["checkpoint_loader#_disabled_"] = True
-    datalist = [c.to_dict() for c in list_cases(data)]
     if oracle or first_only:  # labelled entries (the inference datalist leaves labels out), or the first case
+        datalist = [c.to_dict() for c in list_cases(data)]
         settings["datalist"] = datalist[:1] if first_only else datalist
     for k, v in settings.items():
         p[k] = v

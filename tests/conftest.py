@@ -36,8 +36,7 @@ def toy_modalities(shape=(12, 10, 8), seed=0) -> list[np.ndarray]:
     return [(100 * (c + 1) + rng.integers(0, 10, shape)).astype(np.int16) for c in range(4)]
 
 
-def case_id_for(layout: str, i: int) -> str:
-    return case_id(layout, i)
+case_id_for = case_id  # the generator's case ids, by layout and index
 
 
 def write_toy_dataset(root: Path, layout: str, n: int = 3, unlabelled: int = 0, shape=(12, 10, 8)) -> list[str]:
