@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,12 +74,13 @@ def generated(tmp_path_factory):
     return root
 
 
-def _infer(dataset: Path, out: Path) -> None:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(INFERENCE),
-           "--logging_file", str(REPO / "bundle" / "configs" / "logging.conf"), "--dataset_dir", str(dataset),
-           "--output_dir", str(out), "--use_crf", "false"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+def _infer(dataset: Path, out: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The README's inference command, run from ``cwd`` with paths relative to it."""
+    configs = Path(os.path.relpath(INFERENCE.parent, cwd))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(configs / "inference.json"),
+           "--logging_file", str(configs / "logging.conf"), "--dataset_dir", str(dataset), "--output_dir", str(out),
+           "--use_crf", "false"]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 def _wt_dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -86,9 +88,10 @@ def _wt_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 2.0 * float((p & r).sum()) / max(float(p.sum() + r.sum()), 1.0)
 
 
-@pytest.mark.parametrize("sequences", ["full", "flair_t1ce"])
-def test_segments_generated_cases(generated, tmp_path, sequences):
-    _infer(generated / sequences, tmp_path / "pred")
+@pytest.mark.parametrize("sequences, cwd", [("full", REPO), ("flair_t1ce", REPO / "bundle")], ids=["full-from-repo", "flair_t1ce-from-bundle"])
+def test_segments_generated_cases(generated, tmp_path, sequences, cwd):
+    r = _infer(generated / sequences, tmp_path / "pred", cwd)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     dices = []
     for case in sorted((generated / "full").iterdir()):
         pred_img = nib.load(tmp_path / "pred" / f"{case.name}.nii.gz")
@@ -99,3 +102,10 @@ def test_segments_generated_cases(generated, tmp_path, sequences):
         assert pred_img.header["descrip"].tobytes().rstrip(b"\0").decode() == f"sequences: {expected}"
         dices.append(_wt_dice(pred, ref))
     assert np.mean(dices) > 0.6, f"whole-tumour Dice {dices}"
+
+
+def test_elsewhere_without_bundle_root_names_the_missing_weights(generated, tmp_path):
+    r = _infer(generated / "flair_t1ce", tmp_path / "pred", cwd=tmp_path)
+    assert r.returncode != 0
+    assert f"{tmp_path / 'models' / 'model.pt'}: no weights file there" in r.stderr and "--bundle_root" in r.stderr
+    assert not (tmp_path / "pred").exists() or not any((tmp_path / "pred").iterdir())

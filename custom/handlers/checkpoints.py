@@ -275,6 +275,10 @@ class CheckedCheckpointLoader(CheckpointLoader):
         self.network_settings = network_settings
 
     def __call__(self, engine) -> None:
+        if not os.path.isfile(self.load_path):
+            raise FileNotFoundError(f"{os.path.abspath(self.load_path)}: no weights file there (bundle_root is resolved from the "
+                                    "working directory: run from the repository root or the bundle folder, or pass "
+                                    "--bundle_root or --ckpt_path)")
         checkpoint = read_checkpoint(self.load_path)
         for key, obj in self.load_dict.items():
             if isinstance(obj, nn.Module):
