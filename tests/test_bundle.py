@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO, run_env
+from conftest import PYTHON, REPO, run_env, write_toy_dataset
 
 from custom.data import CONVENTIONS, MODALITIES, list_cases
 from custom.metrics import HD95_ONE_EMPTY_MM, region_metrics
@@ -291,9 +291,27 @@ def test_inference_config_repeats_the_training_pipeline_exactly():
     train, infer = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
     for key in ("network_def", "network_settings", "deterministic_transforms", "feature_size", "depths", "num_heads", "spatial_attention",
                 "squeeze_excitation", "dropout_prob", "roi_size", "spacing", "sw_batch_size", "sw_overlap", "layout", "label_convention",
-                "use_crf"):
+                "use_crf", "threshold"):
         assert infer[key] == train[key], key
     assert infer["inferer"] == train["validate"]["inferer"]
+
+
+def test_one_threshold_id_decides_training_evaluation_and_inference(tmp_path):
+    """``threshold`` is read by every AsDiscreted of the pipeline: one override moves them all."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import AsDiscreted
+
+    write_toy_dataset(tmp_path, "brats2021", n=2)
+
+    for files, ids in (((TRAIN,), ("train#postprocessing", "validate#postprocessing")), ((TRAIN, str(CONFIGS / "evaluate.json")),
+                       ("validate#postprocessing",)), ((str(CONFIGS / "inference.json"),), ("postprocessing",))):
+        parser = ConfigParser()
+        parser.read_config(list(files))
+        parser["threshold"] = 0.7
+        parser["dataset_dir"] = str(tmp_path)
+        for i in ids:
+            found = [t for t in parser.get_parsed_content(i).transforms if isinstance(t, AsDiscreted)]
+            assert len(found) == 1 and list(found[0].threshold) == [0.7], (files, i)
 
 
 def test_bad_dataset_dir_fails_with_a_clear_message(tmp_path):

@@ -2,7 +2,7 @@
 
 :class:`DenseCRFd` refines the network's sigmoid outputs with a dense CRF whose bilateral kernel
 uses the four MRI channels, and returns refined *probabilities* of the same three regions, so the
-bundle's ``AsDiscreted(threshold=0.5)`` and ``RegionsToLabeld`` run on its output unchanged.
+bundle's ``AsDiscreted`` (at the configs' ``threshold``) and ``RegionsToLabeld`` run on its output unchanged.
 
 Input / output (channel-first, one case, no batch dimension):
 
@@ -19,8 +19,8 @@ enforced first: ``ET' = ET``, ``TC' = max(TC, ET')``, ``WT' = max(WT, TC')``; th
 classes are ``p(BG) = 1 - WT'``, ``p(ED) = WT' - TC'``, ``p(NCR) = TC' - ET'``, ``p(ET) = ET'``
 (non-negative, summing to 1). The CRF unary is ``-log(max(p, 1e-5))``; mean-field inference gives
 class marginals ``Q``, mapped back to ``TC = Q(NCR) + Q(ET)``, ``WT = Q(ED) + Q(NCR) + Q(ET)``,
-``ET = Q(ET)`` (nested by construction). Thresholding these at 0.5 is the usual BraTS region
-decision, not the class arg-max (they differ only where no class dominates).
+``ET = Q(ET)`` (nested by construction). Thresholding these is the usual BraTS region decision,
+not the class arg-max (at 0.5 they differ only where no class dominates).
 
 Energy: ``E(x) = sum_i -log p_i(x_i) + sum_{i<j} [x_i != x_j] (w_g k_g(i, j) + w_b k_b(i, j))`` with
 ``k_g = exp(-|r_i - r_j|^2 / (2 theta_g^2))`` (smoothness; ``r`` = position in mm) and
