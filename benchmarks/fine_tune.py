@@ -14,12 +14,13 @@ copied:
 
 1. the shipped weights (``--weights``, default ``bundle/models/model.pt``) scored on the held-out
    cases with the bundle's evaluation (``train.json`` + ``evaluate.json``, no CRF, as in the model card);
-2. fine-tuned from them: ``train.json`` + ``quick.json`` at the shipped network size (``spacing``
-   2 mm), a ``custom.handlers.checkpoints.CheckedCheckpointLoader`` of the weights prepended to
-   ``train#handlers`` and no learning-rate warm-up (both as the MONAI Label train task does),
-   ``--learning_rate`` decayed by the cosine schedule over the run, ``--epochs`` epochs of
-   ``--iterations_per_epoch`` iterations (one 64^3 crop each) on all training cases, validated once
-   on them at the end (the saved model is the final one: no model selection), then scored as in 1.;
+2. fine-tuned from them: ``train.json`` + ``fine_tune.json`` (the recipe the MONAI Label train task
+   adds when it starts from the served weights: ``epochs`` x ``iterations_per_epoch`` of one 64^3
+   crop, a low ``learning_rate`` decayed by the cosine schedule, no warm-up), a
+   ``custom.handlers.checkpoints.CheckedCheckpointLoader`` of the weights prepended to
+   ``train#handlers`` (as the task does); ``--epochs``, ``--iterations_per_epoch`` and
+   ``--learning_rate`` override the recipe; all training cases, validated once on them at the end
+   (the saved model is the final one: no model selection), then scored as in 1.;
 3. the same with ``iterations_per_epoch`` null (one pass over the training cases an epoch, the
    epoch of ``train.json`` as shipped) and the same number of epochs: what a small dataset gets when
    the training length is counted in passes.
@@ -51,9 +52,8 @@ from benchmarks.step_runner import CONFIGS, REPO, peak_memory, run_step, run_tra
 from custom.data import REGIONS
 
 TRAIN_SEED, HELDOUT_SEED = 15, 16
-TRAIN_CONFIGS = ["train.json", "quick.json"]
+TRAIN_CONFIGS = ["train.json", "fine_tune.json"]
 EVAL_CONFIGS = ["train.json", "evaluate.json"]
-SHIPPED_SPACING = [2.0, 2.0, 2.0]  # mm; quick.json's 2.5 mm is not the shipped network's grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=("medium", "small", "full"), default="medium", help="generated case size (medium: 2 mm)")
     ap.add_argument("--train_seed", type=int, default=TRAIN_SEED)
     ap.add_argument("--heldout_seed", type=int, default=HELDOUT_SEED)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--iterations_per_epoch", type=int, default=25, help="iterations an epoch of the fine-tuning row (default 25)")
-    ap.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (default 1e-3: half the shipped model's)")
+    ap.add_argument("--epochs", type=int, help="epochs (default: fine_tune.json's)")
+    ap.add_argument("--iterations_per_epoch", type=int, help="iterations an epoch of the fine-tuning row (default: fine_tune.json's)")
+    ap.add_argument("--learning_rate", type=float, help="peak learning rate (default: fine_tune.json's)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (set_determinism)")
     ap.add_argument("--no_one_pass", action="store_true", help="skip the one-pass-per-epoch comparison row")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON", help="more overrides for both trainings")
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = str(args.weights.resolve())
 
     t_start = time.perf_counter()
-    results: dict = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "date": dt.datetime.now().isoformat(timespec="seconds"),
+    command = "python -m benchmarks.fine_tune " + shlex.join(sys.argv[1:] if argv is None else argv)
+    results: dict = {"command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start",
                      "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "weights_sha256": hashlib.sha256(args.weights.read_bytes()).hexdigest(), "rows": {}}
@@ -217,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     results["rows"]["shipped"] = {"label": "shipped, not fine-tuned", "evaluate": evaluate("shipped", weights)}
-    train_overrides = {"spacing": SHIPPED_SPACING, "epochs": args.epochs, "val_interval": args.epochs, "warmup_epochs": 0,
-                       "learning_rate": args.learning_rate, "seed": args.seed, "num_workers": 0,
+    from monai.bundle import ConfigParser
+
+    recipe = ConfigParser.load_config_files([str(CONFIGS / c) for c in TRAIN_CONFIGS])
+    args.epochs = args.epochs or recipe["epochs"]
+    args.iterations_per_epoch = args.iterations_per_epoch or recipe["iterations_per_epoch"]
+    train_overrides = {"epochs": args.epochs, "val_interval": args.epochs, "seed": args.seed, "num_workers": 0,
+                       **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
                        "train_datalist": "$@datalist['training']", "val_datalist": "$@datalist['training']"}
     for o in args.override:
         k, _, v = o.partition("=")

@@ -62,6 +62,7 @@ def parse_conf(conf: Dict[str, str]) -> dict:
     configs = [c.strip() for c in conf.get("bundle_configs", "inference.json").split(",") if c.strip()]
     extra = [c for c in configs if c != "inference.json"]
     train_configs = [c.strip() for c in conf.get("train_configs", ",".join(["train.json", *extra])).split(",") if c.strip()]
+    fine_tune_configs = [c.strip() for c in conf.get("fine_tune_configs", "fine_tune.json").split(",") if c.strip()]
     try:
         mc_samples = int(conf.get("mc_samples", 8))
     except ValueError as e:
@@ -72,6 +73,7 @@ def parse_conf(conf: Dict[str, str]) -> dict:
         "model_path": conf.get("model_path") or None,
         "configs": configs,
         "train_configs": train_configs,
+        "fine_tune_configs": fine_tune_configs,
         "overrides": overrides,
         "mc_samples": mc_samples,
         "auto_update_scoring": truthy(conf.get("auto_update_scoring", False), "auto_update_scoring"),
@@ -133,7 +135,8 @@ class MyApp(MONAILabelApp):
         o = self.options
         if "brats" not in o["models"]:
             return {}
-        return {"brats": BraTSBundleTrain(o["bundle_root"], o["train_configs"], self._overrides(), o["model_path"])}
+        return {"brats": BraTSBundleTrain(o["bundle_root"], o["train_configs"], self._overrides(), o["model_path"],
+                                           fine_tune_configs=o["fine_tune_configs"])}
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {

@@ -138,6 +138,23 @@ def test_pretrained_starts_from_the_served_weights(datastore, bundle_root, capsy
     assert not all(torch.equal(before[k], fresh[k]) for k in before)
 
 
+def test_fine_tuning_adds_the_bundle_fine_tune_recipe(datastore, bundle_root, monkeypatch):
+    """Starting from the served weights merges ``fine_tune.json`` last (its epochs, iterations and
+    learning rate, shown as the task's options); training from scratch does not."""
+    assert (bundle_root / "models" / "model.pt").is_file()  # written by the previous tests
+    recipe = json.loads((REPO / "bundle" / "configs" / "fine_tune.json").read_text())
+    runs = []
+    monkeypatch.setattr("monai.bundle.run", lambda **kwargs: runs.append(kwargs))
+    task = BraTSBundleTrain(str(bundle_root), CONFIGS)
+    assert (task.config()["max_epochs"], task.config()["iterations_per_epoch"]) == (recipe["epochs"], recipe["iterations_per_epoch"])
+    result = task({"model": "brats", "tracking": "None"}, datastore)
+    assert [os.path.basename(f) for f in runs[0]["config_file"]] == [*CONFIGS, "fine_tune.json"]
+    assert (result["epochs"], result["iterations_per_epoch"]) == (recipe["epochs"], recipe["iterations_per_epoch"])
+    task({"model": "brats", "tracking": "None", "pretrained": False}, datastore)
+    assert [os.path.basename(f) for f in runs[1]["config_file"]] == CONFIGS
+    assert runs[1]["epochs"] == 10 and runs[1]["iterations_per_epoch"] == 32  # quick.json's
+
+
 def test_multi_process_run_with_torchrun_gloo(datastore, bundle_root, capfd, tmp_path):
     import mlflow
 

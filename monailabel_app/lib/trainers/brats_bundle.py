@@ -94,6 +94,9 @@ class BraTSBundleTrain(BundleTrainTask):
     Args:
         bundle_root: the bundle folder (``configs/``, ``models/``).
         configs: file names in ``<bundle_root>/configs/`` merged in order (``train.json`` first).
+        fine_tune_configs: merged after ``configs`` when a run starts from the served weights
+            (``pretrained``, the default, and a file at ``model_path``): the bundle's fine-tuning
+            recipe (``fine_tune.json``: a fixed number of iterations, a low learning rate, no warm-up).
         overrides: config id -> value applied after them (the app's ``layout``, quick-size settings...).
         model_path: the weights the inference task serves (default ``<bundle_root>/models/model.pt``);
             the best validation model of a run is written there.
@@ -111,16 +114,23 @@ class BraTSBundleTrain(BundleTrainTask):
         description: str | None = None,
         enable_tracking: bool = True,
         load_strict: bool = True,
+        fine_tune_configs: Sequence[str] = ("fine_tune.json",),
     ):
         self.bundle_root = os.path.abspath(bundle_root)
         self.configs = list(configs)
+        self.fine_tune_configs = list(fine_tune_configs)
         self.overrides = {**DEFAULT_OVERRIDES, **(overrides or {})}
         self.model_path = os.path.abspath(model_path or os.path.join(self.bundle_root, "models", "model.pt"))
-        parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)  # raises if a file is missing
+        # raises if a file is missing; the options shown are those of the run a request starts now
+        parser = load_bundle_config(self.bundle_root, self.run_configs(os.path.isfile(self.model_path)), self.overrides)
         super().__init__(self.bundle_root, conf={}, enable_tracking=enable_tracking, load_strict=load_strict)
         self.bundle_config = parser
         if description:
             self.description = description
+
+    def run_configs(self, fine_tune: bool) -> list[str]:
+        """The config files of a run: ``configs``, then ``fine_tune_configs`` when it starts from the served weights."""
+        return [*self.configs, *(self.fine_tune_configs if fine_tune else [])]
 
     def config(self) -> dict[str, Any]:
         options = super().config()
@@ -138,7 +148,9 @@ class BraTSBundleTrain(BundleTrainTask):
         # "sequences": the sequences a case has (absent: all four); the bundle's loader zero-fills the others
         datalist = [{k: d[k] for k in ("image", "label", "sequences") if k in d} for d in datastore.datalist() if d and d.get("label")]
         train_ds, val_ds = split_datalist(datalist, request.get("val_split", 0.2))
-        parser = load_bundle_config(self.bundle_root, self.configs, self.overrides)
+        fine_tune = truthy(request.get("pretrained", True), "pretrained") and os.path.isfile(self.model_path)
+        configs = self.run_configs(fine_tune)
+        parser = load_bundle_config(self.bundle_root, configs, self.overrides)
         epochs = request.get("max_epochs")
         epochs = int(parser.get_parsed_content("epochs") if epochs in (None, "") else epochs)
         if epochs < 1:
@@ -166,7 +178,6 @@ class BraTSBundleTrain(BundleTrainTask):
             "val_interval": max(1, min(val_interval, epochs)),
             "device": f"$torch.device({str(device)!r})",  # an expression: the config is exported as JSON
         }
-        fine_tune = truthy(request.get("pretrained", True), "pretrained") and os.path.isfile(self.model_path)
         # The lr warm-up starts at 0: a short fine-tune would barely move trained weights, so none
         # for fine-tuning; from scratch, at most epochs - 1 warm-up epochs.
         overrides["warmup_epochs"] = 0 if fine_tune else min(int(parser.get_parsed_content("warmup_epochs")), epochs - 1)
@@ -195,7 +206,7 @@ class BraTSBundleTrain(BundleTrainTask):
             if request.get("tracking_run_name"):
                 overrides["run_name"] = request["tracking_run_name"]
 
-        paths = [os.path.join(self.bundle_root, "configs", c) for c in self.configs]
+        paths = [os.path.join(self.bundle_root, "configs", c) for c in configs]
         meta_file = os.path.join(self.bundle_root, "configs", "metadata.json")
         logging_file = os.path.join(self.bundle_root, "configs", "logging.conf")
         n_proc = self._num_processes(request) if truthy(request.get("multi_gpu", False), "multi_gpu") else 1
