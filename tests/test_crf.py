@@ -296,8 +296,9 @@ def test_config_switch_drops_disabled_component(use_crf, present):
 def test_bundle_configs_hold_this_crf_entry_before_invertd():
     inference = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
     assert inference["crf"] == CRF_COMPONENT and inference["postprocessing"]["transforms"].index("@crf") < inference["postprocessing"]["transforms"].index("@invert")
+    train = json.loads((REPO / "bundle" / "configs" / "train.json").read_text())
     transforms = json.loads((REPO / "bundle" / "configs" / "evaluate.json").read_text())["validate#postprocessing"]["transforms"]
-    assert transforms[1] == CRF_COMPONENT and transforms[2]["_target_"] == "Invertd"
+    assert train["crf"] == CRF_COMPONENT and transforms.index("@crf") < transforms.index("@eval_invert")
 
 
 def test_bundle_postprocessing_before_invertd(tmp_path):
