@@ -178,9 +178,9 @@ class BraTSBundleTrain(BundleTrainTask):
             "val_interval": max(1, min(val_interval, epochs)),
             "device": f"$torch.device({str(device)!r})",  # an expression: the config is exported as JSON
         }
-        # The lr warm-up starts at 0: a short fine-tune would barely move trained weights, so none
-        # for fine-tuning; from scratch, at most epochs - 1 warm-up epochs.
-        overrides["warmup_epochs"] = 0 if fine_tune else min(int(parser.get_parsed_content("warmup_epochs")), epochs - 1)
+        # at most epochs - 1 warm-up epochs (the fine-tuning recipe has none: a short warm-up from a
+        # learning rate of 0 would barely move the trained weights)
+        overrides["warmup_epochs"] = min(int(parser.get_parsed_content("warmup_epochs")), epochs - 1)
         if fine_tune:
             logger.info(f"Fine-tuning from {self.model_path}")
             try:  # before any data is cached; the loader checks again when the run starts
