@@ -21,6 +21,17 @@ model selection (best validation mean Dice), held-out cases.
   64^3 crops, ``feature_size`` 12, depths 1), the embedded synthetic dataset (``data/synthetic``,
   40 cases; ``data/synthetic_heldout``, 8 cases; written if absent, as ``make demo`` does),
   ``--epochs 8`` (8 x 32 = 256 iterations per variant). About an hour on the 2-core CPU machine.
+* ``--pretrain``: the shipped model's recipe (``train.json`` + ``pretrain.json``: 2 mm grid,
+  64^3 crops, ``feature_size`` 12) on the generated pool ``make pretrain`` trains on
+  (``data/pretrain``: 400 cases of ``custom.synthetic`` seed 1, size medium; written if absent),
+  held-out: 16 generated cases of seed 2 (``runs/compare/heldout_seed2_medium_16``), ``--epochs 1``
+  unless given. With ``--real_dev ../shared/real-dev`` every variant is also scored on real MRI
+  by ``benchmarks.real_mri`` (the bundle's ``inference.json``; the expert-labelled FLAIR + T1ce
+  cases), with and without the CRF::
+
+      python -m benchmarks.compare_models --pretrain --real_dev ../shared/real-dev --no_timing \
+          --override iterations_per_epoch=300 --out benchmarks/results/compare_pretrain.md
+
 * ``--full``: ``train.json`` as shipped (1 mm, 128^3 crops, ``feature_size`` 48, 300 epochs), on
   ``--dataset_dir`` (e.g. real BraTS 2021); held-out cases from ``--heldout_dir``, or, without it,
   the validation fold of ``--fold`` (then model selection and the figures use the same cases:
@@ -55,6 +66,7 @@ from pathlib import Path
 from benchmarks.step_runner import CONFIGS, REPO, cuda_available, emit_tables, peak_memory, run_step, run_training_timed, serve_step
 from custom.data import REGIONS
 
+TRAINING_ONLY = ("iterations_per_epoch", "num_samples", "warmup_epochs", "learning_rate", "num_folds", "ckpt_dir", "output_dir")
 VARIANTS = {
     # name: (label, extra config files, overrides)
     "unet": ("U-Net (unet.json)", ["unet.json"], {}),
@@ -144,6 +156,19 @@ def _fmt_gb(r: dict) -> str:
     return s
 
 
+def real_dev_summary(real: dict) -> dict:
+    """``{"no_crf"|"crf": {"TC", "WT", "ET", "mean", "hd95_mean"}}``: means over the expert-labelled
+    cases of a ``benchmarks.real_mri`` result (its ``.json``)."""
+    out = {}
+    for tag, run in real["runs"].items():
+        cases = list(run["brats2015"]["cases"].values())
+        m = {r: statistics.fmean(c[f"dice_{r}"] for c in cases) for r in REGIONS}
+        m["mean"] = statistics.fmean(m[r] for r in REGIONS)
+        m["hd95_mean"] = statistics.fmean(statistics.fmean(c[f"hd95_{r}"] for r in REGIONS) for c in cases)
+        out["crf" if tag == "crf" else "no_crf"] = m
+    return out
+
+
 def make_tables(results: dict, settings: dict) -> str:
     lines = [
         f"Synthetic-data results unless `--dataset_dir` says otherwise. Held-out cases: {settings['heldout_desc']}; "
@@ -164,7 +189,7 @@ def make_tables(results: dict, settings: dict) -> str:
             tr = r["train"]
             lines.append(
                 f"| {label} | {'yes' if crf == 'crf' else 'no'} | " + " | ".join(dice) + f" | {hd} | {tr['parameters']:,} | "
-                f"{tr['s_per_iteration']:.2f} | {inf.get('s_per_case', float('nan')):.2f} | "
+                f"{tr['s_per_iteration']:.2f} | {format(inf['s_per_case'], '.2f') if inf else '-'} | "
                 f"{_fmt_gb(tr)} / {_fmt_gb(inf) if inf else '-'} |")
     lines += ["", "| model | iterations (epochs) | training wall s | best validation mean Dice | HD95 TC / WT / ET (mm), no CRF | with CRF |",
               "|---|---|---|---|---|---|"]
@@ -176,6 +201,22 @@ def make_tables(results: dict, settings: dict) -> str:
             hds.append(" / ".join(f"{s[f'hd95_{k}']['mean']:.2f}" for k in REGIONS))
         bv = f"{tr['best_val_mean_dice']:.3f}" if tr.get("best_val_mean_dice") is not None else "-"
         lines.append(f"| {VARIANTS[name][0]} | {tr['iterations']} ({tr['epochs']}) | {tr['train_wall_s']:.0f} | {bv} | {hds[0]} | {hds[1]} |")
+    real = {name: real_dev_summary(r["real_dev"]) for name, r in results.items() if "real_dev" in r}
+    if real:
+        any_real = next(r["real_dev"] for r in results.values() if "real_dev" in r)
+        n = next(iter(any_real["runs"].values()))["brats2015"]["n"]
+        lines += ["", f"Real MRI ({settings['real_dev']}): {n} expert-labelled BraTS 2015 cases, FLAIR + T1ce only, the bundle's "
+                  f"inference.json (threshold and CRF settings as shipped unless overridden), means over the cases.", "",
+                  "| model | CRF | real Dice TC | real Dice WT | real Dice ET | real Dice mean | real HD95 mean (mm) | generated held-out Dice mean |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, per in real.items():
+            for crf in ("no_crf", "crf"):
+                if crf not in per:
+                    continue
+                m = per[crf]
+                gen = results[name]["evaluate"][crf]["summary"]["dice_mean"]["mean"]
+                lines.append(f"| {VARIANTS[name][0]} | {'yes' if crf == 'crf' else 'no'} | "
+                             + " | ".join(f"{m[k]:.3f}" for k in (*REGIONS, "mean")) + f" | {m['hd95_mean']:.1f} | {gen:.3f} |")
     return "\n".join(lines)
 
 
@@ -189,6 +230,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU settings (quick.json, synthetic data); the default")
+    mode.add_argument("--pretrain", action="store_true", help="the shipped model's recipe (pretrain.json) on the generated pool")
     mode.add_argument("--full", action="store_true", help="the shipped train.json settings (GPU, real BraTS via --dataset_dir)")
     ap.add_argument("--dataset_dir", type=Path, help="training cases (default --quick: data/synthetic, written if absent)")
     ap.add_argument("--heldout_dir", type=Path, help="held-out labelled cases (default --quick: data/synthetic_heldout; "
@@ -203,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                     help="more config overrides for every step, e.g. --override num_workers=4")
     ap.add_argument("--skip_training", action="store_true", help="reuse the models already in --work_dir")
+    ap.add_argument("--no_timing", action="store_true", help="skip the inference timing runs (accuracy only)")
+    ap.add_argument("--real_dev", type=Path, help="also score every variant on real MRI (benchmarks.real_mri on this folder)")
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) to this file")
     args = ap.parse_args(argv)
     full = args.full
@@ -218,6 +262,18 @@ def main(argv=None) -> int:
         train_dir, heldout_dir = args.dataset_dir, args.heldout_dir
         base = ["train.json"]
         epochs = args.epochs
+    elif args.pretrain:
+        from custom.synthetic import write_dataset
+
+        train_dir = args.dataset_dir or REPO / "data" / "pretrain"
+        heldout_dir = args.heldout_dir or args.work_dir / "heldout_seed2_medium_16"
+        for d, n, seed in ((train_dir, 400, 1), (heldout_dir, 16, 2)):  # as `make pretrain` and benchmarks.threshold
+            if not (d / ".complete").is_file() and not (d == train_dir and args.dataset_dir):
+                print(f"# writing {n} generated cases (seed {seed}, medium) to {d}", flush=True)
+                write_dataset(d, n, seed=seed, layout="brats2021", size="medium", workers=2)
+                (d / ".complete").touch()
+        base = ["train.json", "pretrain.json"]
+        epochs = args.epochs or 1
     else:
         from tools.demo import HELDOUT_CASES, TRAIN_CASES, make_data
 
@@ -249,7 +305,8 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     t_start = time.perf_counter()
-    print(f"# compare_models: {'full' if full else 'quick'} settings, configs {base} (+unet.json for U-Net); "
+    mode_name = "full" if full else "pretrain" if args.pretrain else "quick"
+    print(f"# compare_models: {mode_name} settings, configs {base} (+unet.json for U-Net); "
           f"training data {train_dir}; held-out {heldout_desc}; seed {args.seed}, fold {args.fold}; "
           f"overrides {json.dumps(common)}; load average {tuple(round(x, 2) for x in load_before)}", flush=True)
     results: dict = {}
@@ -262,6 +319,8 @@ def main(argv=None) -> int:
         r: dict = {}
         t0 = time.perf_counter()
         over = {**common, **net_over, "bundle_root": str(root)}
+        if args.pretrain:  # pretrain.json writes under runs/pretrain: keep each variant in its own root
+            over.update(ckpt_dir=str(root / "models"), output_dir=str(root / "eval"))
         if args.skip_training:
             r["train"] = json.loads((root / "train_result.json").read_text())
         else:
@@ -278,9 +337,18 @@ def main(argv=None) -> int:
         r["evaluate"] = run_step(__file__, "evaluate", {
             "configs": cfgs + [str(CONFIGS / "evaluate.json")],
             "overrides": {**over, **eval_over, "ckpt_path": ckpt}, "output_dir": str(root / "heldout_eval")}, log, args.threads)
-        infer_cfgs = [str(CONFIGS / "inference.json")] + [c for c in cfgs if not c.endswith("train.json")]
-        infer_over = {k: v for k, v in over.items() if k not in ("seed", "fold", "epochs", "val_interval", "dataset_dir")}
-        for crf in ("no_crf", "crf"):
+        infer_cfgs = [str(CONFIGS / "inference.json")] + [c for c in cfgs if Path(c).name not in ("train.json", "pretrain.json")]
+        infer_over = {k: v for k, v in over.items() if k not in ("seed", "fold", "epochs", "val_interval", "dataset_dir", *TRAINING_ONLY)}
+        if args.real_dev:
+            from benchmarks import real_mri
+
+            print(f"[{name}] scoring on real MRI ({args.real_dev}), without and with the CRF", flush=True)
+            real_out = root / "real_mri.md"
+            real_mri.main(["--real_dev", str(args.real_dev), "--out", str(real_out), "--images_dir", str(root / "real_mri_images"),
+                           "--label", label, "--crf", "both", *(f"--config={c}" for c in infer_cfgs[1:]),
+                           *(f"--override={k}={json.dumps(v)}" for k, v in {**infer_over, "ckpt_path": ckpt}.items())])
+            r["real_dev"] = json.loads(real_out.with_suffix(".json").read_text())
+        for crf in (() if args.no_timing else ("no_crf", "crf")):
             print(f"[{name}] timing inference ({'with' if crf == 'crf' else 'without'} CRF)", flush=True)
             r[f"infer_{crf}"] = run_step(__file__, "infer", {"configs": infer_cfgs, "overrides": {
                 **infer_over, "dataset_dir": str((heldout_dir or train_dir).resolve()), "ckpt_path": ckpt,
@@ -294,10 +362,10 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     load_after = os.getloadavg()
     its = sorted({r["train"]["iterations"] for r in results.values()})
-    settings = {"heldout_desc": heldout_desc,
+    settings = {"heldout_desc": heldout_desc, "real_dev": args.real_dev,
                 "iterations_desc": f"{'/'.join(map(str, its))} training iterations per variant, seed {args.seed}"}
     header = [
-        f"## Model comparison ({'full' if full else 'quick'} settings)",
+        f"## Model comparison ({mode_name} settings)",
         "",
         f"Command: `python -m benchmarks.compare_models {' '.join(argv)}`  ",
         f"Configs: {', '.join(base)} (+ unet.json for U-Net), overrides {json.dumps(common)}; "
