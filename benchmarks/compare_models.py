@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                     help="more config overrides for every step, e.g. --override num_workers=4")
     ap.add_argument("--skip_training", action="store_true", help="reuse the models already in --work_dir")
+    ap.add_argument("--resume", action="store_true", help="keep every variant already finished in --work_dir and every "
+                    "model already trained there; do the rest (the same command again continues an interrupted run)")
     ap.add_argument("--no_timing", action="store_true", help="skip the inference timing runs (accuracy only)")
     ap.add_argument("--real_dev", type=Path, help="also score every variant on real MRI (benchmarks.real_mri on this folder)")
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) to this file")
@@ -321,7 +323,11 @@ def main(argv=None) -> int:
         over = {**common, **net_over, "bundle_root": str(root)}
         if args.pretrain:  # pretrain.json writes under runs/pretrain: keep each variant in its own root
             over.update(ckpt_dir=str(root / "models"), output_dir=str(root / "eval"))
-        if args.skip_training:
+        if args.resume and (root / "variant_result.json").is_file():
+            results[name] = json.loads((root / "variant_result.json").read_text())
+            print(f"[{name}] finished before: kept ({root / 'variant_result.json'})", flush=True)
+            continue
+        if args.skip_training or (args.resume and (root / "train_result.json").is_file()):
             r["train"] = json.loads((root / "train_result.json").read_text())
         else:
             print(f"[{name}] training {label} -> {root} (log {log})", flush=True)
@@ -346,7 +352,7 @@ def main(argv=None) -> int:
             real_out = root / "real_mri.md"
             real_mri.main(["--real_dev", str(args.real_dev), "--out", str(real_out), "--images_dir", str(root / "real_mri_images"),
                            "--label", label, "--crf", "both", *(f"--config={c}" for c in infer_cfgs[1:]),
-                           *(f"--override={k}={json.dumps(v)}" for k, v in {**infer_over, "ckpt_path": ckpt}.items())])
+                           *(f"--override={k}={v!r}" for k, v in {**infer_over, "ckpt_path": ckpt}.items())])  # Python literals, as fire reads them
             r["real_dev"] = json.loads(real_out.with_suffix(".json").read_text())
         for crf in (() if args.no_timing else ("no_crf", "crf")):
             print(f"[{name}] timing inference ({'with' if crf == 'crf' else 'without'} CRF)", flush=True)
@@ -355,6 +361,7 @@ def main(argv=None) -> int:
                 "output_dir": str(root / f"predictions_{crf}"), "use_crf": crf == "crf", "num_workers": 0}}, log, args.threads)
         r["wall_s"] = time.perf_counter() - t0
         results[name] = r
+        (root / "variant_result.json").write_text(json.dumps(r, indent=1))
         s = {c: r["evaluate"][c]["summary"]["dice_mean"]["mean"] for c in ("no_crf", "crf")}
         print(f"[{name}] done in {r['wall_s']:.0f} s: held-out mean Dice {s['no_crf']:.3f} (CRF {s['crf']:.3f})", flush=True)
         (work / "results.json").write_text(json.dumps(results, indent=1))

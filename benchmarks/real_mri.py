@@ -3,7 +3,7 @@
     python -m benchmarks.real_mri --real_dev ../shared/real-dev --out benchmarks/results/real_mri.md
 
 Runs the bundle's own ``inference.json`` (``python -m monai.bundle run inference``, as a user
-would; ``--override KEY=JSON`` and ``--config`` add to it) on
+would; ``--override KEY=VALUE``, VALUE a Python literal as that command reads it (``False``, ``"path"``), and ``--config`` add to it) on
 
 * ``brats2015_flair_t1c/<case>/``: ``Flair_subtrMeanDivStd`` and ``T1c_subtrMeanDivStd`` (z-scored,
   constant background) with T1 and T2 absent, against ``OTMultiClass`` (BraTS 2015 labels:
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="markdown file for the tables (printed anyway); a .json beside it")
     p.add_argument("--images_dir", type=Path, default=REPO / "runs" / "real_mri", help="overlay PNGs (default runs/real_mri)")
     p.add_argument("--config", action="append", default=[], help="extra config file(s) merged after inference.json")
-    p.add_argument("--override", action="append", default=[], help="KEY=JSON, passed to the bundle command")
+    p.add_argument("--override", action="append", default=[], help="KEY=VALUE, passed to the bundle command (VALUE a Python literal: False, 0.3, \"path\")")
     p.add_argument("--crf", choices=("both", "on", "off"), default="both", help="run with the CRF, without, or both (default)")
     p.add_argument("--label", default="shipped model", help="name of this model in the tables")
     args = p.parse_args(argv)
