@@ -43,11 +43,9 @@ def free_port() -> int:
 
 def bundle_copy(root: Path, with_weights: bool, overrides: dict | None = None) -> Path:
     """``root/configs`` (the repo's bundle configs) and ``root/models/model.pt`` (a seeded untrained network)."""
-    if str(APP) not in sys.path:
-        sys.path.insert(0, str(APP))  # the app's own `lib` package, as the launcher does
     import torch
 
-    from lib.bundle_config import load_bundle_config
+    from monailabel_app.lib.bundle_config import load_bundle_config
 
     shutil.copytree(REPO / "bundle" / "configs", root / "configs")
     (root / "models").mkdir(parents=True)
