@@ -25,10 +25,11 @@ from custom.synthetic.dataset import (
 )
 from custom.synthetic.generator import generate_case
 from custom.synthetic.grid import SIZES, grid_affine, grid_shape, grid_spacing
+from custom.synthetic.raw_study import RawStudy, generate_raw_study
 from custom.synthetic.tumour import ED, ET, NCR, TYPES
 
 __all__ = [
     "NCR", "ED", "ET", "TYPES", "LAYOUT_NAMES", "SIZES", "grid_shape", "grid_spacing",
     "grid_affine", "generate_case", "case_id", "planned_files", "write_dataset", "msd_dataset_json",
-    "encode_labels", "main",
+    "encode_labels", "main", "RawStudy", "generate_raw_study",
 ]

@@ -1,0 +1,84 @@
+"""The model grid and resampling onto it: BraTS-like, in the reference series' world.
+
+:func:`model_grid`: voxel axes pointing to L, P, S (as the BraTS files), ``spacing`` mm isotropic (1),
+240 x 240 x 155 mm centred on the brain (more if the brain does not fit). :func:`resample_to_grid`
+brings a series onto it through its registration; :func:`bias_correct` is SimpleITK's N4 on a
+shrunken copy, its field applied at full resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from custom.preparation.series import RAS_TO_LPS, image_from_array, image_to_array
+
+BRATS_FOV_MM = (240.0, 240.0, 155.0)
+AXIS_SIGNS = np.array([-1.0, -1.0, 1.0])  # voxel axes L, P, S
+
+
+@dataclass
+class ModelGrid:
+    """A grid of ``shape`` voxels with voxel -> RAS mm ``affine`` (4, 4) in the reference series' world."""
+
+    shape: tuple
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> float:
+        return float(abs(self.affine[0, 0]))
+
+    def to_dict(self) -> dict:
+        return {"shape": [int(n) for n in self.shape], "spacing_mm": self.spacing, "affine_ras": np.round(self.affine, 6).tolist()}
+
+    def empty(self) -> sitk.Image:
+        """A ``sitk.Image`` of this grid (zeros), the reference of resampling."""
+        return image_from_array(np.zeros(self.shape, np.uint8), self.affine, np.uint8)
+
+
+def model_grid(lo_ras: np.ndarray, hi_ras: np.ndarray, spacing: float = 1.0, fov_mm=BRATS_FOV_MM, margin_mm: float = 5.0) -> ModelGrid:
+    """The BraTS-like grid centred on the box ``lo_ras``..``hi_ras`` (RAS mm, the brain's bounding box):
+    ``fov_mm`` wide, or the box plus ``margin_mm`` on each side where that is wider."""
+    lo, hi = np.minimum(lo_ras, hi_ras), np.maximum(lo_ras, hi_ras)
+    extent = np.maximum(np.asarray(fov_mm, float), hi - lo + 2 * margin_mm)
+    shape = tuple(int(n) for n in np.ceil(extent / spacing - 1e-6))
+    centre = (lo + hi) / 2.0
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag(AXIS_SIGNS * spacing)
+    aff[:3, 3] = centre - aff[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    return ModelGrid(shape, aff)
+
+
+def lps_transform(matrix_ras: np.ndarray) -> sitk.AffineTransform:
+    """SimpleITK transform of a 4x4 RAS matrix (fixed world -> moving world)."""
+    f = np.diag([*np.diag(RAS_TO_LPS), 1.0])
+    m = f @ np.asarray(matrix_ras, float) @ f
+    t = sitk.AffineTransform(3)
+    t.SetMatrix([float(v) for v in m[:3, :3].ravel()])
+    t.SetTranslation([float(v) for v in m[:3, 3]])
+    return t
+
+
+def resample_to_grid(img: sitk.Image, grid: ModelGrid, matrix_ras: np.ndarray | None = None, label: bool = False) -> np.ndarray:
+    """``img`` on ``grid`` (array ``(I, J, K)``): ``matrix_ras`` maps the grid's world (the reference's)
+    to ``img``'s world (identity for the reference). Linear interpolation, nearest for a ``label``; 0 outside."""
+    t = lps_transform(np.eye(4) if matrix_ras is None else matrix_ras)
+    out = sitk.Resample(img, grid.empty(), t, sitk.sitkNearestNeighbor if label else sitk.sitkLinear, 0.0,
+                        img.GetPixelID() if label else sitk.sitkFloat32)
+    return image_to_array(out)
+
+
+def bias_correct(data: np.ndarray, mask: np.ndarray, shrink: int = 4, iterations: int = 30) -> np.ndarray:
+    """N4 bias-field correction of ``data`` (I, J, K) inside ``mask``: fitted on a copy shrunk
+    ``shrink`` times per axis (4 levels of ``iterations``), the field applied at full resolution."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(np.maximum(data, 0).astype(np.float32) + 1e-3, (2, 1, 0))))
+    msk = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask.astype(np.uint8), (2, 1, 0))))
+    small, small_mask = sitk.Shrink(img, [shrink] * 3), sitk.Shrink(msk, [shrink] * 3)
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([iterations] * 4)
+    n4.Execute(small, small_mask)
+    log_field = n4.GetLogBiasFieldAsImage(img)
+    field = np.transpose(sitk.GetArrayFromImage(log_field), (2, 1, 0))
+    return np.where(mask, data / np.exp(field), 0).astype(np.float32)

@@ -1,0 +1,95 @@
+"""A folder of studies as they come from the scanner -> a BraTS 2021 folder the bundle segments.
+
+::
+
+    <study_dir>/<study>/<series>.nii.gz     any file names: the sequence of each series comes from its
+                                            name by the series rules (``custom.data.dicom_series``)
+
+:class:`PreparedStudies` prepares every study (:func:`~custom.preparation.study.prepare_study`) into
+``<prepared_dir>/<study>/`` and keeps going past a study that cannot be prepared (its error is kept
+and reported with the batch's). ``configs/clinical.json`` puts it in front of ``inference.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Mapping
+
+from custom.data.batch import CheckedCases, check_cases
+from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
+from custom.data.errors import BraTSDataError
+from custom.data.vocabulary import describe_sequences, strip_nifti_suffix
+from custom.preparation.study import prepare_study
+
+logger = logging.getLogger(__name__)
+
+
+def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | None = None) -> dict[str, Path]:
+    """Sequence -> NIfTI file of the study folder ``study``, one file per sequence, the sequence read
+    from the file name by ``rules`` (``custom.data.dicom_series.parse_rules``; None: the defaults).
+    FLAIR or T2 must be present; raises ``SeriesMatchError`` listing every file otherwise, or when two
+    files match one sequence."""
+    folder = Path(study)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and strip_nifti_suffix(f.name))
+    described = [{"SeriesDescription": strip_nifti_suffix(f.name), "SeriesNumber": i + 1, "Modality": "NIfTI", "path": f}
+                 for i, f in enumerate(files)]
+    hits = match_series(described, rules or parse_rules(None), where=f"study {folder.name}", allow_missing=True)
+    return {seq: s["path"] for seq, s in hits.items()}
+
+
+class PreparedStudies:
+    """Every study folder of ``study_dir`` prepared into ``prepared_dir/<study>/`` (BraTS 2021 naming) on
+    a grid of ``spacing`` mm in the reference series' space (``reference``: T1ce, else FLAIR, else T2).
+
+    ``dataset_dir``: ``prepared_dir``, for the bundle's data layer; ``reports``: study -> preparation
+    report (``<study>_preparation.json``: transforms, mutual information, brain volume in mL, the
+    reference series' grid); ``refused``: study -> why it could not be prepared. Raises
+    ``BraTSDataError`` when ``study_dir`` holds no study folder or none can be prepared.
+    """
+
+    def __init__(self, study_dir: str | os.PathLike, prepared_dir: str | os.PathLike, series_rules=None,
+                 bias_correction: bool = False, reference: str | None = None, spacing: float = 1.0) -> None:
+        self.study_dir, self.prepared_dir = Path(study_dir), Path(prepared_dir)
+        if not self.study_dir.is_dir():
+            raise BraTSDataError(f"{self.study_dir}: not a folder of studies (expected <study>/<series>.nii.gz)")
+        studies = sorted(d for d in self.study_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not studies:
+            raise BraTSDataError(f"{self.study_dir}: no study folder (expected <study>/<series>.nii.gz)")
+        try:
+            rules = parse_rules(series_rules)
+        except ValueError as e:
+            raise BraTSDataError(str(e)) from e
+        self.reports: dict[str, dict] = {}
+        self.refused: dict[str, str] = {}
+        for d in studies:
+            try:
+                series = study_series(d, rules)
+                report = prepare_study(series, self.prepared_dir / d.name, reference=reference,
+                                       bias_correction=bool(bias_correction), case_id=d.name, spacing=float(spacing))
+            except (BraTSDataError, SeriesMatchError) as e:
+                self.refused[d.name] = f"study {d.name}: {e}"
+                logger.error("%s (the other studies go on)", self.refused[d.name])
+                continue
+            self.reports[d.name] = report
+            regs = ", ".join(f"{describe_sequences([s])} {r['registration']['rotation_total_deg']:.1f} deg, "
+                             f"MI {r['registration']['mutual_information']}" for s, r in report["series"].items()
+                             if s != report["reference"]["sequence"])
+            logger.info("study %s: %s on the %s grid; brain %.0f mL; registered %s; %.1f s", d.name,
+                        describe_sequences(report["sequences"]), describe_sequences([report["reference"]["sequence"]]),
+                        report["brain"]["volume_ml"], regs or "nothing", report["seconds"])
+        if not self.reports:
+            raise BraTSDataError(f"{self.study_dir}: no study can be prepared:\n" + "\n".join(self.refused.values()))
+
+    @property
+    def dataset_dir(self) -> str:
+        return os.fspath(self.prepared_dir)
+
+    def checked_cases(self) -> CheckedCases:
+        """``custom.data.batch.check_cases`` of the prepared folder, the studies that could not be
+        prepared added to its ``refused`` (so the batch summary names them)."""
+        checked = check_cases(self.prepared_dir)
+        checked.refused = {**self.refused, **checked.refused}
+        return checked

@@ -1,0 +1,197 @@
+"""Study preparation (custom.preparation) on generated raw studies (custom.synthetic.raw_study).
+
+One small study (the generator's 2.5 mm case, series at twice the clinical voxel sizes, prepared on a
+2 mm grid) is generated and prepared once; the tests check it against the generator's truth.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.data import LAYOUTS, MODALITIES, BraTSDataError
+from custom.preparation import PreparationError, map_to_reference, output_name, prepare_study, read_series, register_rigid
+from custom.preparation.__main__ import main as cli
+from custom.preparation.grid import bias_correct
+from custom.synthetic import write_dataset
+from custom.synthetic.raw_study import generate_raw_study
+
+SEED, INDEX, SPACING = 5, 1, 2.0
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return generate_raw_study(INDEX, SEED, tmp_path_factory.mktemp("raw"), size="small", voxel_scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def prepared(study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    report = prepare_study({s: p for s, p in study.series.items()}, out, case_id="P1", spacing=SPACING)
+    return out, report
+
+
+def mean_error_mm(study, seq, matrix) -> float:
+    """Mean displacement (mm) of the reference's brain voxels between the true and a recovered transform."""
+    pts = study.brain_points()
+    true = study.true_transform(seq)
+    return float(np.linalg.norm(pts @ (true[:3, :3] - matrix[:3, :3]).T + (true[:3, 3] - matrix[:3, 3]), axis=1).mean())
+
+
+def test_series_differ_in_grid_orientation_and_pose(study):
+    grids = {s: nib.load(p) for s, p in study.series.items()}
+    assert len({nib.aff2axcodes(g.affine) for g in grids.values()}) > 1
+    assert len({tuple(np.round(np.sqrt((g.affine[:3, :3] ** 2).sum(0)), 2)) for g in grids.values()}) > 1
+    for s in study.series:
+        if s != study.reference:
+            assert mean_error_mm(study, s, np.eye(4)) > 3.0  # unregistered, the series are misaligned
+
+
+def test_registration_error_within_1_5_mm(study, prepared):
+    _, report = prepared
+    for s, entry in report["series"].items():
+        if s == study.reference:
+            continue
+        err = mean_error_mm(study, s, np.array(entry["registration"]["matrix_ras"]))
+        assert err <= 1.5, (s, err, study.acquisitions[s])
+        true_angle = np.degrees(np.arccos(np.clip((np.trace(study.true_transform(s)[:3, :3]) - 1) / 2, -1, 1)))
+        assert abs(entry["registration"]["rotation_total_deg"] - true_angle) < 1.0
+
+
+def test_brain_mask_dice_and_volume(study, prepared):
+    out, report = prepared
+    mask_img = nib.load(out / report["brain"]["mask"])
+    mask = np.asarray(mask_img.dataobj) > 0
+    truth, _ = study.truth_on_grid(mask.shape, mask_img.affine)
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice >= 0.95, dice
+    truth_ml = truth.sum() * SPACING ** 3 / 1000
+    assert report["brain"]["volume_ml"] == pytest.approx(mask.sum() * SPACING ** 3 / 1000, rel=1e-3)
+    assert report["brain"]["volume_ml"] == pytest.approx(truth_ml, rel=0.08)
+
+
+def test_raw_head_gets_atlas_extraction_and_skull_stripped_series_keep_their_brain(study, prepared, tmp_path):
+    _, report = prepared
+    assert report["brain"]["method"] == "atlas-deformable"  # "auto" on a head with skull and scalp
+    write_dataset(tmp_path / "ready", 1, seed=SEED, layout="brats2021", size="small")
+    case = tmp_path / "ready" / "BraTS2021_00000"
+    flair = nib.load(case / "BraTS2021_00000_flair.nii.gz")
+    own = np.asarray(flair.dataobj) != 0
+    rep = prepare_study({s: case / f"BraTS2021_00000_{s}.nii.gz" for s in ("t1ce", "flair")}, tmp_path / "out", spacing=SPACING)
+    assert rep["brain"]["method"] == "skull-stripped" and rep["brain"]["atlas_mutual_information"] is None
+    voxel_ml = float(np.prod(flair.header.get_zooms()[:3])) / 1000
+    assert rep["brain"]["volume_ml"] == pytest.approx(own.sum() * voxel_ml, rel=0.05)
+    with pytest.raises(PreparationError, match="not skull-stripped"):
+        prepare_study(study.series, tmp_path / "raw", spacing=SPACING, brain_method="skull-stripped")
+
+
+def test_outputs_and_report(study, prepared):
+    out, report = prepared
+    assert json.loads((out / "P1_preparation.json").read_text()) == report
+    assert report["reference"]["sequence"] == "t1ce" == study.reference
+    assert report["sequences"][0] == "t1ce" and set(report["sequences"]) == set(MODALITIES)
+    shape, affine = tuple(report["grid"]["shape"]), np.array(report["grid"]["affine_ras"])
+    assert report["grid"]["spacing_mm"] == SPACING
+    assert all(n >= np.ceil(fov / SPACING) for n, fov in zip(shape, (240, 240, 155)))  # at least the BraTS field of view
+    mask = np.asarray(nib.load(out / "P1_brainmask.nii.gz").dataobj) > 0
+    assert not (mask[[0, -1]].any() or mask[:, [0, -1]].any() or mask[:, :, [0, -1]].any())  # the brain inside the grid
+    for s in MODALITIES:
+        name = output_name("P1", s)
+        assert name == f"P1_{LAYOUTS['brats2021'].suffixes[MODALITIES.index(s)]}.nii.gz"
+        img = nib.load(out / name)
+        data = np.asarray(img.dataobj)
+        assert img.shape == shape and np.allclose(img.affine, affine)
+        assert np.all(data[~mask] == 0) and (data[mask] > 0).mean() > 0.99
+        entry = report["series"][s]
+        assert entry["output"] == name and entry["seconds"] > 0
+        reg = entry["registration"]
+        assert {"rotation_deg", "translation_mm", "mutual_information", "matrix_ras"} <= set(reg)
+        if s != "t1ce":
+            assert reg["mutual_information"] > 0.3 and max(abs(np.array(reg["rotation_deg"]))) < 25
+    # the prepared sequences are aligned: T1 correlates with T1ce better as prepared than shifted by 6 mm along any axis
+    t1, t1ce = (np.asarray(nib.load(out / output_name("P1", s)).dataobj) for s in ("t1", "t1ce"))
+    inner = mask & np.roll(mask, 3, 0) & np.roll(mask, -3, 0) & np.roll(mask, 3, 1) & np.roll(mask, -3, 1) & np.roll(mask, 3, 2) & np.roll(mask, -3, 2)
+    aligned = np.corrcoef(t1[inner], t1ce[inner])[0, 1]
+    for axis in range(3):
+        for shift in (-3, 3):
+            assert aligned > np.corrcoef(np.roll(t1, shift, axis)[inner], t1ce[inner])[0, 1] + 0.02
+
+
+def test_map_to_reference(study, prepared, tmp_path):
+    out, report = prepared
+    grid_affine = np.array(report["grid"]["affine_ras"])
+    _, label = study.truth_on_grid(report["grid"]["shape"], grid_affine)
+    assert label.any()
+    src = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, grid_affine), src)
+    back = map_to_reference(src, out, tmp_path / "label_ref.nii.gz")
+    ref_img, img = nib.load(study.series["t1ce"]), nib.load(back)
+    assert img.shape == ref_img.shape and np.allclose(img.affine, ref_img.affine)
+    _, truth = study.truth_on_grid(ref_img.shape, ref_img.affine)
+    got = np.asarray(img.dataobj)
+    wt, wt_true = got > 0, truth > 0
+    assert 2 * (wt & wt_true).sum() / (wt.sum() + wt_true.sum()) > 0.8
+    assert set(np.unique(got)) <= {0, 1, 2, 3}
+
+
+def test_series_that_does_not_overlap(study, tmp_path):
+    img = nib.load(study.series["flair"])
+    aff = img.affine.copy()
+    aff[:3, 3] += [0.0, 0.0, 400.0]  # 40 cm above the head
+    far = tmp_path / "far_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), far)
+    with pytest.raises(PreparationError, match="FLAIR series: does not overlap the reference"):
+        register_rigid(read_series(study.series["t1ce"]), read_series(far), "FLAIR")
+
+
+def test_series_with_poor_similarity(study, tmp_path):
+    img = nib.load(study.series["flair"])
+    shape = tuple(int(np.ceil(n / 4)) for n in img.shape)
+    noise = np.random.default_rng(0).integers(100, 1000, shape).astype(np.int16)  # same field of view, 4 times coarser
+    aff = img.affine.copy()
+    aff[:3, :3] *= 4
+    path = tmp_path / "noise_flair.nii.gz"
+    nib.save(nib.Nifti1Image(noise, aff), path)
+    with pytest.raises(PreparationError, match="FLAIR series: poor similarity to the reference"):
+        register_rigid(read_series(study.series["t1ce"]), read_series(path), "FLAIR")
+
+
+def test_study_without_flair_or_t2(study, tmp_path, capsys):
+    with pytest.raises(PreparationError, match="it needs FLAIR or T2") as e:
+        prepare_study({"t1": study.series["t1"], "t1c": study.series["t1ce"]}, tmp_path)
+    assert isinstance(e.value, BraTSDataError)
+    with pytest.raises(PreparationError, match="unknown sequence 'dwi'"):
+        prepare_study({"flair": study.series["flair"], "dwi": study.series["t1"]}, tmp_path)
+    with pytest.raises(PreparationError, match="it needs FLAIR or T2"):
+        cli(["--series", f"t1={study.series['t1']}", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_raw_study_deterministic(tmp_path):
+    a = generate_raw_study(2, 9, tmp_path / "a", size="small", sequences=("t1ce", "flair"), voxel_scale=2.5)
+    b = generate_raw_study(2, 9, tmp_path / "b", size="small", sequences=("t1ce", "flair"), voxel_scale=2.5)
+    c = generate_raw_study(2, 10, tmp_path / "c", size="small", sequences=("t1ce", "flair"), voxel_scale=2.5)
+    for s in ("t1ce", "flair"):
+        ia, ib = nib.load(a.series[s]), nib.load(b.series[s])
+        assert np.array_equal(ia.affine, ib.affine) and np.array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj))
+        assert np.array_equal(a.poses[s], b.poses[s])
+        assert not np.array_equal(a.poses[s], c.poses[s])
+        angles = np.abs(a.acquisitions[s]["angles_deg"])
+        assert angles.max() <= 10.0 and np.abs(a.acquisitions[s]["shift_mm"]).max() <= 10.0
+    assert np.array_equal(a.brain, b.brain) and np.array_equal(a.label, b.label)
+
+
+def test_bias_correction_flattens_a_smooth_field():
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in (48, 48, 40)), indexing="ij")
+    mask = x ** 2 + y ** 2 + z ** 2 < 0.8
+    tissue = np.where(rng.random(mask.shape) < 0.5, 100.0, 140.0) * mask
+    field = np.exp(0.4 * x + 0.2 * z)
+    out = bias_correct(tissue * field, mask, shrink=2, iterations=20)
+    assert np.all(out[~mask] == 0)
+    ratio_before = np.log(field[mask])
+    ratio_after = np.log(np.maximum(out[mask], 1e-3) / tissue[mask])
+    assert ratio_after.std() < 0.5 * ratio_before.std()
