@@ -177,6 +177,12 @@ class MyApp(MONAILabelApp):
         sequences = datastore.model_sequences(image_id)  # those present; the bundle's loader zero-fills the others
         save_label = truthy(request.get("save_label", False), "save_label")
         result = super().infer({**request, "image": model_input, "sequences": sequences, "save_label": False}, datastore)
+        on_image = getattr(datastore, "result_on_image", None)  # a study prepared from series on different grids
+        if on_image and result.get("file"):
+            mapped = on_image(image_id, result["file"], continuous=bool(result["params"].get("uncertainty")))
+            if mapped != result["file"]:
+                os.remove(result["file"])
+                result["file"] = mapped
         if save_label and result.get("file") and not result["params"].get("uncertainty"):
             tag = request.get("label_tag", "original")
             result["label"] = datastore.save_label(image_id, result["file"], tag, {"model": request.get("model")})

@@ -35,17 +35,20 @@ import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, BraTSCase, load_case
 from custom.data.dicom_series import SeriesMatchError, classify, match_series, parse_rules
 from custom.synthetic import write_dataset
 from custom.synthetic.fields import rotation
+from custom.synthetic.raw_study import generate_raw_study
 from devtools import REPO
 from devtools.debian import AptUnavailable, apt_install
 from devtools.orthanc import Orthanc
 from tools.nifti_to_dicom import (
     DicomConversionError,
     convert_case,
+    convert_study_folder,
     plane_geometry,
     stow,
     write_study,
@@ -287,11 +290,32 @@ def orthanc():
         yield pacs
 
 
+RAW_SEED, RAW_NAMES = 5, {"t1": "T1_MPRAGE", "t1ce": "3D_T1_POST_GD", "t2": "AX_T2_TSE", "flair": "T2_FLAIR_SAG"}
+
+
 @pytest.fixture(scope="module")
-def uploaded(orthanc, synth, tmp_path_factory):
+def raw_study(tmp_path_factory):
+    """Generated case 0 of seed 5 as it comes from the scanner (custom.synthetic.raw_study: a head, each
+    series on its own grid, orientation and pose; half resolution), files named as a clinic names them;
+    and the BraTS-ready version of the same case."""
+    root = tmp_path_factory.mktemp("raw_study")
+    raw = generate_raw_study(0, RAW_SEED, root / "raw", size="small", voxel_scale=2.0)
+    folder = root / "RAW0"
+    folder.mkdir()
+    for seq, path in raw.series.items():
+        (folder / f"{RAW_NAMES[seq]}.nii.gz").symlink_to(path)
+    write_dataset(root / "ready", 1, seed=RAW_SEED, layout="brats2021", size="small")
+    return raw, folder, root / "ready" / "BraTS2021_00000"
+
+
+@pytest.fixture(scope="module")
+def uploaded(orthanc, synth, raw_study, tmp_path_factory):
     """Case 0 as a complete study; case 1 with only its T1ce and FLAIR series (issue #13: accepted,
-    T1 and T2 zero-filled); a third study with only T1 and T1ce series (refused: no FLAIR, no T2)."""
+    T1 and T2 zero-filled); a third study with only T1 and T1ce series (refused: no FLAIR, no T2);
+    a study as it comes from the scanner (series on their own grids, skull present)."""
     out = tmp_path_factory.mktemp("dicom_upload")
+    raw = convert_study_folder(raw_study[1], out)
+    stow([f for s in raw.series.values() for f in s.files], orthanc.dicomweb_url)
     full = convert_case(synth / "brats2021" / "BraTS2021_00000", out)
     assert stow([f for s in full.series.values() for f in s.files], orthanc.dicomweb_url) == 4 * 62
     partial = convert_case(synth / "brats2021" / "BraTS2021_00001", out)
@@ -300,7 +324,7 @@ def uploaded(orthanc, synth, tmp_path_factory):
     volumes = {m: (v + 1, a) for m, (v, a) in volumes.items()}  # other voxels: another study
     refused = write_study(BraTSCase("BraTS2021_00009", case.images, None, case.layout), volumes, out)
     stow([f for m, s in refused.series.items() if m in ("t1", "t1ce") for f in s.files], orthanc.dicomweb_url)
-    return {"full": full, "partial": partial, "refused": refused}
+    return {"full": full, "partial": partial, "refused": refused, "raw": raw}
 
 
 def _qido(orthanc, path, **params):
@@ -376,7 +400,7 @@ def test_datastore_lists_complete_studies_by_flair_series_and_resolves_aliases(d
     full, partial, refused = uploaded["full"], uploaded["partial"], uploaded["refused"]
     flair = full.series["flair"].series_uid
     assert datastore.search_filter["Modality"] == "MR"  # MONAI Label's CT default is overridden
-    assert datastore.list_images() == sorted([flair, partial.series["flair"].series_uid])
+    assert datastore.list_images() == sorted([flair, partial.series["flair"].series_uid, uploaded["raw"].series["flair"].series_uid])
     for alias in (flair, full.study_uid, full.series["t1"].series_uid, full.series["t1ce"].series_uid):
         assert datastore.require_image(alias) == flair
     # a study with only T1ce and FLAIR is an image (issue #13); its input is those two series
@@ -426,7 +450,8 @@ def test_datastore_label_to_dicom_seg_and_back(datastore, orthanc, uploaded, syn
     assert_same_world(*decoded, np.asanyarray(label.dataobj), label.affine)
     # a fresh server (empty cache) finds the label in the PACS and decodes it
     fresh = _datastore(orthanc, tmp_path / "fresh")
-    assert fresh.get_labeled_images() == [flair] and fresh.get_unlabeled_images() == [uploaded["partial"].series["flair"].series_uid]
+    assert fresh.get_labeled_images() == [flair]
+    assert fresh.get_unlabeled_images() == sorted(uploaded[k].series["flair"].series_uid for k in ("partial", "raw"))
     got = nib.load(fresh.get_label_uri(flair, "final"))
     assert_same_world(np.asanyarray(got.dataobj), got.affine, np.asanyarray(label.dataobj), label.affine)
     (item,) = fresh.datalist()
@@ -532,6 +557,7 @@ def server(orthanc, uploaded, tmp_path_factory):
         "--host", "127.0.0.1", "--port", str(port),
         "--conf", "models", MODEL, "--conf", "bundle_root", str(bundle_root), "--conf", "bundle_configs", CONFIGS,
         "--conf", "bundle_overrides", json.dumps(OVERRIDES, separators=(",", ":")),
+        "--conf", "dicomweb_prepared_spacing", "2.0",  # the raw study is at half resolution
     ]
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -636,6 +662,43 @@ def test_infer_on_study_missing_a_modality_says_what_was_found(server, uploaded)
     assert "no series for T2, FLAIR" in detail and "'T1' (MR) -> T1" in detail and "dicomweb_series_rules" in detail, detail
     r = requests.post(f"{server['url']}/infer/{MODEL}", params={"image": "1.2.3.999"}, data={"params": "{}"}, timeout=60)
     assert r.status_code == 404, r.text
+
+
+def test_infer_on_a_raw_study_prepares_it_and_stores_a_seg_on_the_flair_series(server, orthanc, uploaded, raw_study, tmp_path):
+    """Issue #16: series on their own grids are co-registered onto the FLAIR, brain-extracted and
+    segmented; the label and its DICOM SEG lie on the FLAIR series and agree with the segmentation of
+    the BraTS-ready version of the case carried onto that series through the generator's true pose."""
+    info = uploaded["raw"]
+    raw, _, ready_dir = raw_study
+    assert {s.description for s in info.series.values()} == set(RAW_NAMES.values())
+    pred, affine, result = _infer(server, tmp_path, info.series["t1ce"].series_uid, {"crf": False, "save_label": True})
+    assert result["sequences"] == list(MODALITIES)
+    flair = nib.load(requests_image(server, info.study_uid, tmp_path))  # what the viewer shows: the FLAIR series
+    assert pred.shape == flair.shape[:3] and np.allclose(affine, flair.affine, atol=1e-3), (pred.shape, flair.shape)
+    source = nib.load(raw.series["flair"])  # the same series in the PACS (GDCM may order its slices the other way)
+    assert_same_world(np.asanyarray(flair.dataobj), flair.affine, np.asanyarray(source.dataobj), source.affine)
+    assert set(np.unique(pred).tolist()) <= {0, 1, 2, 3}
+    log = server["log"].read_text()
+    assert f"study {info.study_uid}: series on different grids" in log and "prepared in" in log, log[-3000:]
+    # the BraTS-ready case through the same server (one 4D upload), carried onto the FLAIR series
+    stack = np.stack([np.asanyarray(nib.load(ready_dir / f"BraTS2021_00000_{m}.nii.gz").dataobj) for m in MODALITIES], axis=-1)
+    four_d = tmp_path / "ready_4d.nii.gz"
+    nib.save(nib.Nifti1Image(stack, nib.load(ready_dir / "BraTS2021_00000_flair.nii.gz").affine), four_d)
+    ready, ready_affine, _ = _infer(server, tmp_path, params={"crf": False}, file=four_d)
+    m = np.linalg.inv(ready_affine) @ np.linalg.inv(raw.poses["flair"]) @ flair.affine  # FLAIR voxel -> head frame -> ready voxel
+    carried = ndi.affine_transform(ready.astype(np.uint8), m[:3, :3], m[:3, 3], pred.shape, order=0)
+    wt, wt_ready = pred > 0, carried > 0
+    assert wt_ready.sum() > 100, "the BraTS-ready prediction has no tumour to compare"
+    dice = 2.0 * (wt & wt_ready).sum() / (wt.sum() + wt_ready.sum())
+    assert dice >= 0.8, dice
+    # the DICOM SEG in the PACS references the FLAIR series and decodes to the returned label
+    (seg_series,) = _qido(orthanc, f"studies/{info.study_uid}/series", Modality="SEG")
+    seg = _retrieve_seg(orthanc, info.study_uid, seg_series["0020000E"]["Value"][0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info.series["flair"].series_uid
+    assert seg.FrameOfReferenceUID == info.frame_of_reference_uid
+    labels = {"necrotic tumour core": 1, "peritumoral oedema": 2, "enhancing tumour": 3}
+    decoded, decoded_affine = decode_seg(seg, labels)
+    assert_same_world(decoded, decoded_affine, pred, affine)
 
 
 # ---------------------------------------------------------------------------------------------- OHIF

@@ -9,6 +9,11 @@ modalities of a BraTS case are co-registered on one grid). ``stow`` uploads it w
     python -m tools.nifti_to_dicom data/synth/BraTS2021_00000 --out /tmp/dicom [--stow http://127.0.0.1:8042/dicom-web]
     python -m tools.nifti_to_dicom data/synth --case BraTS2021_00000 --case BraTS2021_00001 --out /tmp/dicom
     python -m tools.nifti_to_dicom data/msd/imagesTr/BRATS_001.nii.gz --out /tmp/dicom
+    python -m tools.nifti_to_dicom studies/P001 --study --out /tmp/dicom   # series on their own grids
+
+A study as it comes from the scanner (``--study``, ``convert_study_folder``: one NIfTI file per series,
+named as ``configs/clinical.json`` reads them) keeps each series' own grid and its file name as the
+SeriesDescription; its series share the StudyInstanceUID and FrameOfReferenceUID (one session).
 
 Geometry. NIfTI affines map voxel indices (i, j, k) to RAS+ millimetres, DICOM uses LPS+:
 ``A_lps = diag(-1, -1, 1, 1) @ A_ras``. Slice ``k`` of the NIfTI volume becomes one instance whose
@@ -49,7 +54,10 @@ import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from custom.data import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES, BraTSCase, BraTSDataError, list_cases, load_case
+from custom.data import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES, BraTSCase, BraTSDataError, list_cases, load_case
+from custom.data.dicom_series import SeriesMatchError
+from custom.data.nifti import load_nifti, load_voxels
+from custom.data.vocabulary import strip_nifti_suffix
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -257,15 +265,19 @@ def write_study(
     patient_id: str | None = None,
     patient_name: str | None = None,
     study_date: datetime.datetime | None = None,
+    one_grid: bool = True,
+    descriptions: Mapping[str, str] | None = None,
 ) -> StudyInfo:
     """Write the case's volumes (four, or the sequences it has: FLAIR or T2 among them) as one study
-    under ``out_dir/<case id>/<NN_modality>/`` (series numbers 1-4 in canonical order whatever is missing)."""
+    under ``out_dir/<case id>/<NN_modality>/`` (series numbers 1-4 in canonical order whatever is missing).
+    ``one_grid``: refuse volumes on different grids (a BraTS case); False for a study as it comes from
+    the scanner. ``descriptions``: SeriesDescription per modality (default ``SEQUENCE_NAMES``)."""
     present = [m for m in MODALITIES if m in volumes]
     if not any(m in volumes for m in REQUIRED_ANY):
         missing = [m for m in MODALITIES if m not in volumes]
         raise DicomConversionError(f"case {case.case_id}: missing modality {missing} (FLAIR or T2 is needed)")
     ref_shape, ref_affine = volumes[present[0]][0].shape, volumes[present[0]][1]
-    for m in present[1:]:
+    for m in present[1:] if one_grid else []:
         arr, aff = volumes[m]
         if arr.shape != ref_shape or not np.allclose(aff, ref_affine, atol=1e-3):
             raise DicomConversionError(f"case {case.case_id}: {m} is not on the grid of {present[0]} (one frame of reference needs co-registered modalities)")
@@ -299,12 +311,13 @@ def write_study(
         arr, affine = volumes[m]
         uid = generate_uid(entropy_srcs=[case.case_id, digest, "series", m])
         source = case.images[0] if len(case.images) == 1 and case.complete else case.images[case.sequences.index(m)]
+        description = _dicom_safe((descriptions or {}).get(m) or SEQUENCE_NAMES[m])
         files = write_series(
             arr, affine, folder / f"{number:02d}_{SEQUENCE_NAMES[m]}",
-            study=study, series_uid=uid, series_number=number, description=SEQUENCE_NAMES[m],
+            study=study, series_uid=uid, series_number=number, description=description,
             derivation=f"{case.layout.name} case {case.case_id}, {m}, from {os.path.basename(source)}",
         )
-        series[m] = SeriesInfo(m, uid, SEQUENCE_NAMES[m], number, files)
+        series[m] = SeriesInfo(m, uid, description, number, files)
     info = StudyInfo(case.case_id, study_uid, for_uid, study.PatientID, series, str(folder))
     (folder / "study.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
     return info
@@ -314,6 +327,25 @@ def convert_case(path: str | os.PathLike, out_dir: str | os.PathLike, case_id: s
     """``load_case`` + ``write_study``."""
     case, volumes = load_case(path, case_id)
     return write_study(case, volumes, out_dir, **kwargs)
+
+
+def convert_study_folder(path: str | os.PathLike, out_dir: str | os.PathLike, case_id: str | None = None, **kwargs) -> StudyInfo:
+    """A study as it comes from the scanner, as ``configs/clinical.json`` reads it (``<study>/<series>.nii.gz``,
+    each series on its own grid, its sequence from the file name by the series rules), as one DICOM MR
+    study whose SeriesDescriptions are the file names; raises ``SeriesMatchError`` when the names do not
+    give one file per sequence with FLAIR or T2 among them."""
+    from custom.preparation import study_series
+
+    folder = Path(path)
+    series = study_series(folder)
+    present = tuple(m for m in MODALITIES if m in series)
+    case = BraTSCase(case_id or folder.name, tuple(str(series[m]) for m in present), None, LAYOUTS["brats2021"], sequences=present)
+    volumes = {}
+    for m in present:
+        img = load_nifti(series[m], case.case_id)
+        volumes[m] = (np.asarray(load_voxels(img, str(series[m]), case.case_id)), img.affine)
+    names = {m: strip_nifti_suffix(series[m].name) for m in present}
+    return write_study(case, volumes, out_dir, one_grid=False, descriptions=names, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ upload
@@ -354,25 +386,33 @@ def stow(files: Iterable[str], client_or_url, batch_size: int = 64) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m tools.nifti_to_dicom CASE --out DIR [--stow URL]``: a BraTS case as a DICOM MR study."""
     parser = argparse.ArgumentParser(prog="python -m tools.nifti_to_dicom", description=main.__doc__)
-    parser.add_argument("path", help="a BraTS 2021/2023 case folder, a 4D MSD image, or a dataset folder (with --case)")
+    parser.add_argument("path", help="a BraTS 2021/2023 case folder, a 4D MSD image, a dataset folder (with --case), "
+                                     "or with --study a study folder of series on their own grids")
+    parser.add_argument("--study", action="store_true", help="PATH is a study as it comes from the scanner (<series>.nii.gz, "
+                                                             "sequences from the file names, as configs/clinical.json reads it)")
     parser.add_argument("--case", action="append", help="case id inside a dataset folder (repeatable; 'all' for every case)")
     parser.add_argument("--out", required=True, help="output folder; the study goes to OUT/<case id>/")
     parser.add_argument("--stow", metavar="URL", help="DICOMweb root to upload to with STOW-RS, e.g. http://127.0.0.1:8042/dicom-web")
     parser.add_argument("--patient-id", help="PatientID (default: the case id)")
     args = parser.parse_args(argv)
     try:
-        if args.case == ["all"]:
+        if args.study:
+            ids = [None]
+        elif args.case == ["all"]:
             ids = [c.case_id for c in list_cases(args.path, check="none")]
         else:
             ids = args.case or [None]
         for cid in ids:
-            info = convert_case(args.path, args.out, cid, patient_id=args.patient_id)
+            if args.study:
+                info = convert_study_folder(args.path, args.out, patient_id=args.patient_id)
+            else:
+                info = convert_case(args.path, args.out, cid, patient_id=args.patient_id)
             n = sum(len(s.files) for s in info.series.values())
-            print(f"{info.case_id}: StudyInstanceUID {info.study_uid}, 4 series, {n} instances in {info.folder}", flush=True)
+            print(f"{info.case_id}: StudyInstanceUID {info.study_uid}, {len(info.series)} series, {n} instances in {info.folder}", flush=True)
             if args.stow:
                 stored = stow([f for s in info.series.values() for f in s.files], args.stow)
                 print(f"{info.case_id}: {stored} instances stored at {args.stow}", flush=True)
-    except (BraTSDataError, DicomConversionError) as e:
+    except (BraTSDataError, DicomConversionError, SeriesMatchError) as e:
         parser.exit(2, f"error: {e}\n")
     return 0
 

@@ -5,7 +5,7 @@
 * :mod:`custom.preparation.brain`: brain extraction with the MNI152 atlas nilearn ships (no weights),
   or the series' own brain when it is already skull-stripped;
 * :mod:`custom.preparation.grid`: the BraTS-like model grid, resampling, N4 bias correction;
-* :mod:`custom.preparation.mapping`: a label on the model grid back onto the reference's grid;
+* :mod:`custom.preparation.mapping`: a label on the model grid onto the reference's grid, and back;
 * :mod:`custom.preparation.study`: :func:`prepare_study`, the whole job, and its report;
 * :mod:`custom.preparation.studies`: :class:`PreparedStudies`, a folder of studies (file names -> sequences
   by the series rules) for the bundle's ``configs/clinical.json``;
@@ -18,7 +18,7 @@
 
 from custom.preparation.brain import METHODS, extract_brain
 from custom.preparation.errors import PreparationError
-from custom.preparation.mapping import load_report, map_to_reference
+from custom.preparation.mapping import load_report, map_from_reference, map_to_reference
 from custom.preparation.registration import Registration, register_rigid
 from custom.preparation.series import image_affine, image_from_array, read_series
 from custom.preparation.studies import PreparedStudies, study_series
@@ -26,5 +26,5 @@ from custom.preparation.study import output_name, prepare_study
 
 __all__ = [
     "METHODS", "PreparationError", "Registration", "extract_brain", "image_affine", "image_from_array", "load_report",
-    "map_to_reference", "output_name", "prepare_study", "read_series", "register_rigid", "PreparedStudies", "study_series",
+    "map_from_reference", "map_to_reference", "output_name", "prepare_study", "read_series", "register_rigid", "PreparedStudies", "study_series",
 ]

@@ -27,25 +27,51 @@ def load_report(report_or_dir: str | os.PathLike | dict) -> dict:
     return json.loads(p.read_text())
 
 
-def map_to_reference(label_path: str | os.PathLike, report_or_dir, out_path: str | os.PathLike) -> Path:
-    """Write ``label_path`` (a label map on the prepared grid) resampled by nearest neighbour onto the
-    reference series' grid, as NIfTI (uint8, the reference's shape and affine). Returns ``out_path``."""
-    report = load_report(report_or_dir)
-    ref = report["reference"]
-    img = load_nifti(label_path, name="label")
-    label = np.asarray(load_voxels(img, os.fspath(label_path), name="label"))
-    if label.ndim == 4 and label.shape[3] == 1:
-        label = label[..., 0]
-    grid_shape = tuple(report["grid"]["shape"])
-    if label.shape != grid_shape:
-        raise PreparationError(f"{label_path}: label of shape {label.shape}, the prepared grid is {grid_shape}")
-    ref_shape, ref_affine = tuple(ref["shape"]), np.array(ref["affine_ras"], float)
-    m = np.linalg.inv(np.asarray(img.affine, float)) @ ref_affine  # reference voxel -> label voxel
-    out = ndi.affine_transform(np.rint(label).astype(np.uint8), m[:3, :3], m[:3, 3], ref_shape, order=0, cval=0)
-    nii = nib.Nifti1Image(out, ref_affine)
-    nii.set_qform(ref_affine, code=1)
-    nii.set_sform(ref_affine, code=1)
+def _save(data: np.ndarray, affine: np.ndarray, out_path: str | os.PathLike) -> Path:
+    nii = nib.Nifti1Image(data, affine)
+    nii.set_qform(affine, code=1)
+    nii.set_sform(affine, code=1)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nii, out_path)
     return out_path
+
+
+def _read(path: str | os.PathLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    img = load_nifti(path, name=name)
+    data = np.asarray(load_voxels(img, os.fspath(path), name=name))
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    return data, np.asarray(img.affine, float)
+
+
+def _resample(data: np.ndarray, affine: np.ndarray, shape: tuple, target_affine: np.ndarray, order: int) -> np.ndarray:
+    m = np.linalg.inv(affine) @ target_affine  # target voxel -> source voxel
+    src = np.rint(data).astype(np.uint8) if order == 0 else data.astype(np.float32)
+    return ndi.affine_transform(src, m[:3, :3], m[:3, 3], shape, order=order, cval=0)
+
+
+def map_to_reference(label_path: str | os.PathLike, report_or_dir, out_path: str | os.PathLike, order: int = 0) -> Path:
+    """Write ``label_path`` (a map on the prepared grid) resampled onto the reference series' grid, as
+    NIfTI of the reference's shape and affine: ``order`` 0 = a label map, nearest neighbour, uint8;
+    1 = a continuous map (e.g. uncertainty), trilinear, float32. Returns ``out_path``."""
+    report = load_report(report_or_dir)
+    ref = report["reference"]
+    label, affine = _read(label_path, "label")
+    grid_shape = tuple(report["grid"]["shape"])
+    if label.shape != grid_shape:
+        raise PreparationError(f"{label_path}: label of shape {label.shape}, the prepared grid is {grid_shape}")
+    ref_affine = np.array(ref["affine_ras"], float)
+    return _save(_resample(label, affine, tuple(ref["shape"]), ref_affine, order), ref_affine, out_path)
+
+
+def map_from_reference(label_path: str | os.PathLike, report_or_dir, out_path: str | os.PathLike) -> Path:
+    """Write ``label_path`` (a label map on the reference series' grid, e.g. an annotation) resampled by
+    nearest neighbour onto the prepared grid (uint8): the inverse of :func:`map_to_reference`, for training."""
+    report = load_report(report_or_dir)
+    label, affine = _read(label_path, "label")
+    ref_shape = tuple(report["reference"]["shape"])
+    if label.shape != ref_shape:
+        raise PreparationError(f"{label_path}: label of shape {label.shape}, the reference series is {ref_shape}")
+    grid_affine = np.array(report["grid"]["affine_ras"], float)
+    return _save(_resample(label, affine, tuple(report["grid"]["shape"]), grid_affine, 0), grid_affine, out_path)

@@ -25,8 +25,14 @@ series one image; a BraTS network needs the four co-registered modalities of a s
   (``MONAI_LABEL_DICOMWEB_CACHE_PATH`` or ``~/.cache/monailabel/dicom/<hash of the URL>``,
   ``series/<SeriesInstanceUID>/``; fetched again when the PACS holds a different number of
   instances), converted with SimpleITK/GDCM to NIfTI (``series/<uid>.nii.gz``, LPS -> RAS handled
-  by ITK) and returned as paths in the canonical order T1, T1ce, T2, FLAIR. They must
-  share one grid (BraTS-style co-registered series); otherwise HTTP 422 shows their grids.
+  by ITK) and returned as paths in the canonical order T1, T1ce, T2, FLAIR. Series on one grid
+  (BraTS-style co-registered) are used as they are. Series on different grids (a study as it comes
+  from the scanner: own orientation, voxel size, pose; skull present) are prepared first
+  (``custom.preparation.prepare_study``: rigid mutual-information registration onto the display
+  series, brain extraction, a grid of ``--conf dicomweb_prepared_spacing`` mm, default 1), cached in
+  ``prepared/<image id>/``; the inference result is carried back onto the display series' grid
+  (``result_on_image``) before it is returned or stored, and training gets the final labels carried
+  onto the prepared grid. HTTP 422 when a study cannot be prepared (the message names the step).
 - **Labels** (``save_label``: the infer task with ``save_label``, ``PUT /datastore/label``, OHIF's
   label.bin, Slicer's NIfTI with ``label_info``): checked like the NIfTI datastores (FLAIR grid, the
   label convention's values; 415/422), written as a DICOM SEG with pydicom-seg (one segment per
@@ -48,6 +54,7 @@ series one image; a BraTS network needs the four co-registered modalities of a s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -74,6 +81,7 @@ from pydicom.dataset import Dataset
 
 from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, Layout
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
+from custom.preparation import PreparationError, map_from_reference, map_to_reference, prepare_study
 from lib.datastore.brats import check_label_file
 
 logger = logging.getLogger(__name__)
@@ -127,8 +135,10 @@ class Study:
 class BraTSDICOMwebDatastore(DICOMWebDatastore):
     """Four-series BraTS studies of a DICOMweb server as MONAI Label images (see the module doc)."""
 
-    def __init__(self, client, search_filter: Dict[str, Any], layout: Layout, rules=None, cache_path: Optional[str] = None, list_ttl: float = 30.0):
+    def __init__(self, client, search_filter: Dict[str, Any], layout: Layout, rules=None, cache_path: Optional[str] = None, list_ttl: float = 30.0,
+                 prepared_spacing: float = 1.0):
         self.layout = layout
+        self.prepared_spacing = float(prepared_spacing)
         self.convention = layout.convention
         self.rules = parse_rules(rules)
         self.list_ttl = float(list_ttl)
@@ -144,6 +154,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         self._seg_refs: Dict[str, Optional[str]] = {}  # SEG series uid -> referenced (first) series uid
         super().__init__(client, filt, cache_path=cache_path, fetch_by_frame=False, convert_to_nifti=True)
         self._series_dir = os.path.join(self._datastore_path, "series")
+        self._prepared_dir = os.path.join(self._datastore_path, "prepared")
         os.makedirs(self._series_dir, exist_ok=True)
         logger.info(f"BraTS DICOMweb datastore {client.base_url}: filter {filt}, cache {self._datastore_path}, labels {self.convention.name}")
 
@@ -266,25 +277,73 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
 
     def model_input(self, image_id: str) -> List[str]:
         """The modality volumes of ``image_id`` (those the study has, see ``model_sequences``) as NIfTI
-        paths, canonical order T1, T1ce, T2, FLAIR."""
+        paths, canonical order T1, T1ce, T2, FLAIR: the series themselves when they share one grid,
+        else the study prepared onto the display series (``prepared_study``)."""
         study = self.study(image_id)
         sequences = study.sequences
         paths = [self.series_nifti(study.study_uid, study.series[m]) for m in sequences]
         grids = [nib.load(p) for p in paths]
-        ref = grids[-1]
-        for m, img in zip(sequences, grids):
-            if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
-                detail = "; ".join(
-                    f"{SEQUENCE_NAMES[mm]} {study.series[mm]['SeriesDescription']!r}: shape {g.shape[:3]}, "
-                    f"voxel {np.round(g.header.get_zooms()[:3], 3).tolist()} mm, "
-                    f"origin {np.round(g.affine[:3, 3], 2).tolist()}"
-                    for mm, g in zip(sequences, grids)
-                )
-                raise HTTPException(status_code=422, detail=f"study {study.study_uid}: the {len(sequences)} series are not on one grid "
-                                                            f"(the network needs co-registered modalities, as in BraTS): {detail}")
+        ref = grids[sequences.index(study.display)]
         if len(sequences) < len(MODALITIES):
             logger.info(f"study {study.study_uid}: series for {', '.join(SEQUENCE_NAMES[m] for m in sequences)} only")
-        return paths
+        if all(g.shape[:3] == ref.shape[:3] and np.allclose(g.affine, ref.affine, atol=1e-3) for g in grids):
+            return paths
+        report = self.prepared_study(image_id)
+        folder = os.path.join(self._prepared_dir, study.image_id)
+        return [os.path.join(folder, report["series"][m]["output"]) for m in sequences]
+
+    def prepared_study(self, image_id: str) -> Optional[dict]:
+        """The preparation report of a study whose series lie on different grids (None when they share
+        one): every series registered rigidly onto the display series (FLAIR, else T2: the series the
+        labels lie on), brain extracted, resampled to ``prepared_spacing`` mm
+        (``custom.preparation.prepare_study``), cached in ``prepared/<image id>/`` until a series changes.
+        HTTP 422 when the study cannot be prepared (no overlap, poor registration, no brain)."""
+        study = self.study(image_id)
+        sequences = study.sequences
+        paths = {m: self.series_nifti(study.study_uid, study.series[m]) for m in sequences}
+        grids = {m: nib.load(p) for m, p in paths.items()}
+        ref = grids[study.display]
+        if all(g.shape[:3] == ref.shape[:3] and np.allclose(g.affine, ref.affine, atol=1e-3) for g in grids.values()):
+            return None
+        folder = os.path.join(self._prepared_dir, study.image_id)
+        key = {m: [study.series[m]["SeriesInstanceUID"], os.path.getmtime(p)] for m, p in paths.items()}
+        key["spacing_mm"] = self.prepared_spacing
+        with self._lock_for(f"prepared:{study.image_id}"):
+            report_file = os.path.join(folder, "preparation.json")
+            if os.path.exists(report_file):
+                cached = json.loads(pathlib.Path(report_file).read_text())
+                if cached.get("key") == json.loads(json.dumps(key)):
+                    return cached["report"]
+            grid_text = "; ".join(f"{SEQUENCE_NAMES[m]} {study.series[m]['SeriesDescription']!r}: shape {g.shape[:3]}, "
+                                  f"voxel {np.round(g.header.get_zooms()[:3], 3).tolist()} mm" for m, g in grids.items())
+            logger.info(f"study {study.study_uid}: series on different grids ({grid_text}): preparing onto {SEQUENCE_NAMES[study.display]}")
+            tmp = f"{folder}.{uuid.uuid4().hex}.tmp"
+            try:
+                report = prepare_study(paths, tmp, reference=study.display, case_id="study", spacing=self.prepared_spacing)
+                pathlib.Path(tmp, "preparation.json").write_text(json.dumps({"key": key, "report": report}))
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+            except PreparationError as e:
+                raise HTTPException(status_code=422, detail=f"study {study.study_uid}: its series lie on different grids and cannot be "
+                                                            f"co-registered ({e}); {grid_text}") from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            regs = ", ".join(f"{SEQUENCE_NAMES[m]} {r['registration']['rotation_total_deg']:.1f} deg MI {r['registration']['mutual_information']}"
+                             for m, r in report["series"].items() if m != study.display)
+            logger.info(f"study {study.study_uid}: prepared in {report['seconds']:.1f} s (brain {report['brain']['volume_ml']:.0f} mL, "
+                        f"{report['brain']['method']}; registered {regs})")
+            return report
+
+    def result_on_image(self, image_id: str, result_file: str, continuous: bool = False) -> str:
+        """An inference result on the model input's grid as a file on the image's (display series') grid:
+        ``result_file`` itself when the study needed no preparation, else resampled (labels by nearest
+        neighbour, ``continuous`` maps such as uncertainty trilinearly) into a new file beside it."""
+        report = self.prepared_study(image_id)
+        if report is None:
+            return result_file
+        out = re.sub(r"(\.nii)?(\.gz)?$", "", result_file) + "_on_image.nii.gz"
+        map_to_reference(result_file, report, out, order=1 if continuous else 0)
+        return out
 
     def model_sequences(self, image_id: str) -> List[str]:
         """Names of the modalities in ``model_input`` (canonical order; the others are missing)."""
@@ -520,10 +579,14 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
         """Final labels of the PACS with their inputs and sequence names (for the train task)."""
-        return [
-            {"image": self.model_input(i), "label": self.get_label_uri(i, DefaultLabelTag.FINAL), "sequences": self.model_sequences(i)}
-            for i in self.get_labeled_images()
-        ]
+        items = []
+        for i in self.get_labeled_images():
+            label = self.get_label_uri(i, DefaultLabelTag.FINAL)
+            report = self.prepared_study(i)
+            if report is not None:  # the label lies on the display series: onto the prepared grid
+                label = os.fspath(map_from_reference(label, report, os.path.join(self._prepared_dir, self.study(i).image_id, "final_label.nii.gz")))
+            items.append({"image": self.model_input(i), "label": label, "sequences": self.model_sequences(i)})
+        return items
 
 
 def open_dicomweb_datastore(url: str, conf: Dict[str, str]) -> tuple[BraTSDICOMwebDatastore, Layout]:
@@ -556,5 +619,6 @@ def open_dicomweb_datastore(url: str, conf: Dict[str, str]) -> tuple[BraTSDICOMw
         rules=conf.get("dicomweb_series_rules") or None,
         cache_path=cache,
         list_ttl=float(conf.get("dicomweb_list_ttl", 30)),
+        prepared_spacing=float(conf.get("dicomweb_prepared_spacing", 1.0)),
     )
     return datastore, layout
