@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from custom.data import LAYOUTS, MODALITIES, BraTSDataError
-from custom.preparation import PreparationError, map_to_reference, output_name, prepare_study, read_series, register_rigid
+from custom.preparation import PreparationError, map_from_reference, map_to_reference, output_name, prepare_study, read_series, register_rigid
 from custom.preparation.__main__ import main as cli
 from custom.preparation.grid import bias_correct
 from custom.synthetic import write_dataset
+from custom.synthetic.fields import rotation
 from custom.synthetic.raw_study import generate_raw_study
 
 SEED, INDEX, SPACING = 5, 1, 2.0
@@ -96,6 +97,12 @@ def test_outputs_and_report(study, prepared):
     shape, affine = tuple(report["grid"]["shape"]), np.array(report["grid"]["affine_ras"])
     assert report["grid"]["spacing_mm"] == SPACING
     assert all(n >= np.ceil(fov / SPACING) for n, fov in zip(shape, (240, 240, 155)))  # at least the BraTS field of view
+    # the grid's axes are the head's (upright, as the MNI template), not the scanner's
+    axes = affine[:3, :3] / SPACING @ np.diag([-1.0, -1.0, 1.0])  # columns: the grid's R, A, S directions (reference world)
+    mni_axes = study.poses[study.reference][:3, :3] @ rotation(study.info["mni_rotation_deg"])  # the template's, truth
+    angle = lambda r: np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1)))  # noqa: E731
+    assert angle(mni_axes) > 8.0  # the head is tilted in the scanner
+    assert angle(axes.T @ mni_axes) < min(6.0, angle(mni_axes) - 3.0), (angle(axes.T @ mni_axes), angle(mni_axes))
     mask = np.asarray(nib.load(out / "P1_brainmask.nii.gz").dataobj) > 0
     assert not (mask[[0, -1]].any() or mask[:, [0, -1]].any() or mask[:, :, [0, -1]].any())  # the brain inside the grid
     for s in MODALITIES:
@@ -135,6 +142,13 @@ def test_map_to_reference(study, prepared, tmp_path):
     wt, wt_true = got > 0, truth > 0
     assert 2 * (wt & wt_true).sum() / (wt.sum() + wt_true.sum()) > 0.8
     assert set(np.unique(got)) <= {0, 1, 2, 3}
+    # and back onto the prepared grid (an annotation on the reference -> training input)
+    again = nib.load(map_from_reference(back, out, tmp_path / "label_grid.nii.gz"))
+    assert again.shape == tuple(report["grid"]["shape"]) and np.allclose(again.affine, grid_affine)
+    wt_again = np.asarray(again.dataobj) > 0
+    assert 2 * (wt_again & (label > 0)).sum() / (wt_again.sum() + (label > 0).sum()) > 0.9
+    with pytest.raises(PreparationError, match="the reference series is"):
+        map_from_reference(src, out, tmp_path / "wrong.nii.gz")  # a label on the prepared grid, not the reference's
 
 
 def test_series_that_does_not_overlap(study, tmp_path):

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from custom.preparation.errors import PreparationError
-from custom.preparation.grid import ModelGrid, resample_to_grid
+from custom.preparation.grid import ModelGrid, resample_to_grid, upright_rotation
 from custom.preparation.registration import SEED, head_points, otsu_threshold, transform_matrix, working_image
 from custom.preparation.series import RAS_TO_LPS, image_affine, image_from_array
 
@@ -230,7 +230,9 @@ def stripped_mask(reference: sitk.Image) -> np.ndarray | None:
 def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", reference_work: sitk.Image | None = None) -> dict:
     """Brain mask of ``reference`` on the model grid: ``{"mask", "grid", "matrix", "metric", "volume_ml", "seconds", "method"}``.
 
-    ``grid_for(lo_ras, hi_ras)`` makes the model grid from the prior's bounding box (RAS mm).
+    ``grid_for(points_ras, rotation)`` makes the model grid around the brain's points (N, 3; RAS mm),
+    its axes those of the head (``rotation``: reference world -> the atlas' axes) when the atlas was
+    registered, else (None) the scanner's.
     ``method`` ``"auto"``: the series' own brain if it is skull-stripped (:func:`stripped_mask`), else
     ``"atlas-deformable"``; ``"skull-stripped"`` raises ``PreparationError`` if it is not.
     """
@@ -243,7 +245,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
             aff = image_affine(reference)
             pts = np.argwhere(own)
             world = pts @ aff[:3, :3].T + aff[:3, 3]
-            grid = grid_for(world.min(0), world.max(0))
+            grid = grid_for(world, None)
             own_img = image_from_array(own.astype(np.uint8), aff, np.uint8)
             mask = resample_to_grid(own_img, grid, label=True) > 0
             return {"mask": mask, "grid": grid, "matrix": np.eye(4), "metric": float("nan"), "method": "skull-stripped",
@@ -259,14 +261,17 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
     world = pts @ image_affine(tmask)[:3, :3].T + image_affine(tmask)[:3, 3]
     inv = np.linalg.inv(matrix)
     ref_world = world[:: 7] @ inv[:3, :3].T + inv[:3, 3]
-    grid = grid_for(ref_world.min(0), ref_world.max(0))
+    upright = upright_rotation(matrix)
+    grid = grid_for(ref_world, upright)
     prior = prior_on_grid(transform, grid)
     for _ in range(3):  # a deformed prior can reach past the grid placed by the affine one: widen the grid
         if not _touches_border(prior > 0.5):
             break
-        pts = np.argwhere(prior > 0.5)
-        box = np.stack([pts.min(0), pts.max(0)]) @ grid.affine[:3, :3].T + grid.affine[:3, 3]
-        grid = grid_for(box.min(0) - BORDER_GROWTH_MM, box.max(0) + BORDER_GROWTH_MM)
+        pts = np.argwhere(prior > 0.5)[:: 7]
+        inside = pts @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+        frame = inside @ upright.T
+        grown = np.concatenate([frame.min(0) - BORDER_GROWTH_MM, frame.max(0) + BORDER_GROWTH_MM]).reshape(2, 3)
+        grid = grid_for(np.concatenate([inside, grown @ upright]), upright)
         prior = prior_on_grid(transform, grid)
     if method == "atlas+intensity":
         mask = refine_mask(resample_to_grid(reference, grid), prior, grid.spacing)

@@ -1,7 +1,9 @@
 """The model grid and resampling onto it: BraTS-like, in the reference series' world.
 
-:func:`model_grid`: voxel axes pointing to L, P, S (as the BraTS files), ``spacing`` mm isotropic (1),
-240 x 240 x 155 mm centred on the brain (more if the brain does not fit). :func:`resample_to_grid`
+:func:`model_grid`: voxel axes pointing to L, P, S (as the BraTS files) of the head when its
+orientation is known (the atlas registration's rotation: the head upright, as in BraTS, whatever its
+tilt in the scanner), else of the scanner; ``spacing`` mm isotropic (1), 240 x 240 x 155 mm centred
+on the brain (more if the brain does not fit). :func:`resample_to_grid`
 brings a series onto it through its registration; :func:`bias_correct` is SimpleITK's N4 on a
 shrunken copy, its field applied at full resolution.
 """
@@ -28,26 +30,40 @@ class ModelGrid:
 
     @property
     def spacing(self) -> float:
-        return float(abs(self.affine[0, 0]))
+        return float(np.linalg.norm(self.affine[:3, 0]))
 
     def to_dict(self) -> dict:
-        return {"shape": [int(n) for n in self.shape], "spacing_mm": self.spacing, "affine_ras": np.round(self.affine, 6).tolist()}
+        return {"shape": [int(n) for n in self.shape], "spacing_mm": round(self.spacing, 6), "affine_ras": np.round(self.affine, 6).tolist()}
 
     def empty(self) -> sitk.Image:
         """A ``sitk.Image`` of this grid (zeros), the reference of resampling."""
         return image_from_array(np.zeros(self.shape, np.uint8), self.affine, np.uint8)
 
 
-def model_grid(lo_ras: np.ndarray, hi_ras: np.ndarray, spacing: float = 1.0, fov_mm=BRATS_FOV_MM, margin_mm: float = 5.0) -> ModelGrid:
-    """The BraTS-like grid centred on the box ``lo_ras``..``hi_ras`` (RAS mm, the brain's bounding box):
-    ``fov_mm`` wide, or the box plus ``margin_mm`` on each side where that is wider."""
-    lo, hi = np.minimum(lo_ras, hi_ras), np.maximum(lo_ras, hi_ras)
+def upright_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The rotation (3, 3) closest to the linear part of ``matrix`` (4, 4; e.g. reference world -> atlas
+    world, an affine registration): polar decomposition, determinant +1."""
+    u, _, vt = np.linalg.svd(np.asarray(matrix, float)[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        r = u @ np.diag([1.0, 1.0, -1.0]) @ vt
+    return r
+
+
+def model_grid(points_ras: np.ndarray, spacing: float = 1.0, rotation: np.ndarray | None = None,
+               fov_mm=BRATS_FOV_MM, margin_mm: float = 5.0) -> ModelGrid:
+    """The BraTS-like grid around ``points_ras`` (N, 3; RAS mm of the brain, e.g. its mask's voxels):
+    ``fov_mm`` wide, or their extent plus ``margin_mm`` on each side where that is wider. ``rotation``
+    (3, 3): world -> head axes (``upright_rotation``); the grid's axes then follow the head's."""
+    r = np.eye(3) if rotation is None else np.asarray(rotation, float)
+    frame = np.asarray(points_ras, float) @ r.T
+    lo, hi = frame.min(0), frame.max(0)
     extent = np.maximum(np.asarray(fov_mm, float), hi - lo + 2 * margin_mm)
     shape = tuple(int(n) for n in np.ceil(extent / spacing - 1e-6))
-    centre = (lo + hi) / 2.0
+    lin = np.diag(AXIS_SIGNS * spacing)
     aff = np.eye(4)
-    aff[:3, :3] = np.diag(AXIS_SIGNS * spacing)
-    aff[:3, 3] = centre - aff[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    aff[:3, :3] = r.T @ lin
+    aff[:3, 3] = r.T @ ((lo + hi) / 2.0 - lin @ ((np.array(shape) - 1) / 2.0))
     return ModelGrid(shape, aff)
 
 

@@ -93,7 +93,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
         images[s] = read_series(paths[s], describe_sequences([s]))
         seconds[s] = time.perf_counter() - t
     ref_work = working_image(images[reference])
-    brain = extract_brain(images[reference], lambda lo, hi: model_grid(lo, hi, spacing), brain_method, ref_work)
+    brain = extract_brain(images[reference], lambda points, rotation: model_grid(points, spacing, rotation), brain_method, ref_work)
     grid, mask = brain["grid"], brain["mask"]
     if not mask.any():
         raise PreparationError(f"{describe_sequences([reference])} series: no brain found")

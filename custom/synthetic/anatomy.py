@@ -181,7 +181,7 @@ def warp_anatomy(rng: np.random.Generator, size: str, r_eq: float, mass_strength
     for k in ("wm", "gm", "csf"):
         maps[k] = np.where(brain, maps[k] / tot, 0).astype(np.float32)
     return Anatomy(shape, sp, out_aff, b0, b1, maps["wm"], maps["gm"], maps["csf"], maps["depth"], brain, centre,
-                   {"mass_effect": float(mass_strength)})
+                   {"mass_effect": float(mass_strength), "mni_rotation_deg": [float(a) for a in angles]})
 
 
 def ventricles(anat: Anatomy) -> np.ndarray:
