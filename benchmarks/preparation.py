@@ -95,10 +95,13 @@ def region_dice(pred: np.ndarray, truth: np.ndarray, truth_convention: str = "br
 def segment(rows: list[dict], seed: int, work: Path) -> list[str]:
     """The shipped model on the prepared studies (labels carried onto the reference series) and on the
     BraTS-ready cases; both against the truth. Returns the markdown lines."""
+    import json
+
     import nibabel as nib
 
     from benchmarks.real_mri import run_inference
     from custom.data import REGIONS
+    from custom.handlers.checkpoints import file_sha256
     from custom.preparation import map_to_reference
     from custom.synthetic import write_dataset
 
@@ -108,8 +111,11 @@ def segment(rows: list[dict], seed: int, work: Path) -> list[str]:
     config = [str(REPO / "bundle" / "configs" / "inference.json")]
     raw_s, _ = run_inference(work / f"prepared_{seed}", work / f"seg_raw_{seed}", config, [])
     ready_s, _ = run_inference(ready, work / f"seg_ready_{seed}", config, [])
+    weights = REPO / "bundle" / "models" / "model.pt"
+    version = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())["version"]
     lines = ["", "## Segmentation: prepared raw study against its BraTS-ready version", "",
-             f"The shipped model (`inference.json`, defaults) on the {len(rows)} prepared studies ({raw_s:.0f} s in all) and on the "
+             f"The shipped model (bundle {version}, `models/model.pt` sha256 {file_sha256(weights)[:12]}; `inference.json`, defaults) "
+             f"on the {len(rows)} prepared studies ({raw_s:.0f} s in all) and on the "
              f"BraTS-ready cases ({ready_s:.0f} s); raw-study labels carried onto the reference series by nearest neighbour and "
              "scored there against the truth on that grid; BraTS-ready labels scored on the case grid.", "",
              "| study | raw TC / WT / ET | raw mean | BraTS-ready TC / WT / ET | ready mean | difference |", "|---|---|---|---|---|---|"]
