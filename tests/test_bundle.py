@@ -291,9 +291,33 @@ def test_inference_config_repeats_the_training_pipeline_exactly():
     train, infer = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
     for key in ("network_def", "network_settings", "deterministic_transforms", "feature_size", "depths", "num_heads", "spatial_attention",
                 "squeeze_excitation", "dropout_prob", "roi_size", "spacing", "sw_batch_size", "sw_overlap", "layout", "label_convention",
-                "use_crf", "threshold", "sigmoid", "crf", "discretize", "to_label"):
+                "use_crf", "threshold", "sigmoid", "crf", "discretize", "to_label", "use_largest_component", "largest_component"):
         assert infer[key] == train[key], key
     assert infer["inferer"] == train["validate"]["inferer"]
+
+
+def test_largest_component_keeps_the_main_tumour_and_is_switchable(tmp_path):
+    """``largest_component`` keeps the largest connected tumour (all labels together, so a core inside
+    oedema stays) and drops a separate blob; ``use_largest_component`` false takes it out of the chain."""
+    from monai.bundle import ConfigParser
+
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
+    label[0, 2:12, 2:12, 2:12] = 2  # oedema
+    label[0, 5:9, 5:9, 5:9] = 4  # enhancing core inside it
+    label[0, 18:21, 18:21, 18:21] = 1  # a far, smaller blob
+    write_toy_dataset(tmp_path, "brats2021", n=1)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["dataset_dir"] = str(tmp_path)
+    step = parser.get_parsed_content("largest_component")
+    kept = step({"pred": label.clone()})["pred"]
+    assert int((kept == 4).sum()) == 64 and int((kept == 2).sum()) == 1000 - 64 and int((kept == 1).sum()) == 0
+    assert step in parser.get_parsed_content("postprocessing").transforms
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["dataset_dir"], parser["use_largest_component"] = str(tmp_path), False
+    assert parser.get_parsed_content("largest_component") is None
+    assert len(parser.get_parsed_content("postprocessing").transforms) == 5  # sigmoid, invert, discretize, to_label, writer (the CRF is off too)
 
 
 def test_one_threshold_id_decides_training_evaluation_and_inference(tmp_path):
