@@ -82,14 +82,11 @@ def run_study(i: int, seed: int, work: Path, methods: list[str], default: str) -
 def region_dice(pred: np.ndarray, truth: np.ndarray, truth_convention: str = "brats2021") -> dict[str, float]:
     """Dice per region of a BraTS 2021 label map (what the bundle writes) against ``truth`` in
     ``truth_convention`` (both regions empty: 1)."""
-    from custom.data import CONVENTIONS, REGIONS
+    from benchmarks.real_mri import region_masks
+    from custom.data import CONVENTIONS
 
-    out = {}
-    for r in REGIONS:
-        a = np.isin(pred, CONVENTIONS["brats2021"].region_labels[r])
-        b = np.isin(truth, CONVENTIONS[truth_convention].region_labels[r])
-        out[r] = 1.0 if not a.any() and not b.any() else dice(a, b)
-    return out
+    a, b = region_masks(pred, CONVENTIONS["brats2021"].region_labels), region_masks(truth, CONVENTIONS[truth_convention].region_labels)
+    return {r: 1.0 if not a[r].any() and not b[r].any() else dice(a[r], b[r]) for r in a}
 
 
 def segment(rows: list[dict], seed: int, work: Path) -> list[str]:
@@ -109,8 +106,9 @@ def segment(rows: list[dict], seed: int, work: Path) -> list[str]:
     if not ready.is_dir():
         write_dataset(ready, max(r["index"] for r in rows) + 1, seed=seed, layout="brats2021", size="full")
     config = [str(REPO / "bundle" / "configs" / "inference.json")]
-    raw_s, _ = run_inference(work / f"prepared_{seed}", work / f"seg_raw_{seed}", config, [])
-    ready_s, _ = run_inference(ready, work / f"seg_ready_{seed}", config, [])
+    seg_raw, seg_ready = work / f"seg_raw_{seed}", work / f"seg_ready_{seed}"
+    raw_s, _ = run_inference(work / f"prepared_{seed}", seg_raw, config, [])
+    ready_s, _ = run_inference(ready, seg_ready, config, [])
     weights = REPO / "bundle" / "models" / "model.pt"
     version = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())["version"]
     lines = ["", "## Segmentation: prepared raw study against its BraTS-ready version", "",
@@ -122,12 +120,11 @@ def segment(rows: list[dict], seed: int, work: Path) -> list[str]:
     diffs = []
     for r in rows:
         study, case = r["raw"], f"BraTS2021_{r['index']:05d}"
-        seg_raw = work / f"seg_raw_{seed}"
         on_ref = map_to_reference(seg_raw / f"{study.case_id}.nii.gz", r["prepared"], seg_raw / f"{study.case_id}_on_reference.nii.gz")
         ref_img = nib.load(on_ref)
         _, truth = study.truth_on_grid(ref_img.shape, ref_img.affine)
         d_raw = region_dice(np.asarray(ref_img.dataobj), truth, "brats2023")  # the generator's label values (ET 3)
-        d_ready = region_dice(np.asarray(nib.load(work / f"seg_ready_{seed}" / f"{case}.nii.gz").dataobj),
+        d_ready = region_dice(np.asarray(nib.load(seg_ready / f"{case}.nii.gz").dataobj),
                               np.asarray(nib.load(ready / case / f"{case}_seg.nii.gz").dataobj))
         m_raw, m_ready = np.mean(list(d_raw.values())), np.mean(list(d_ready.values()))
         diffs.append(m_raw - m_ready)
