@@ -45,7 +45,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def run_study(i: int, seed: int, work: Path, methods: list[str], default: str) -> dict:
+def run_study(i: int, seed: int, work: Path, methods: list[str], default: str, bias_correction: bool = False) -> dict:
     import nibabel as nib
 
     from custom.preparation import extract_brain, prepare_study, read_series
@@ -57,7 +57,7 @@ def run_study(i: int, seed: int, work: Path, methods: list[str], default: str) -
     gen_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     prepared = work / f"prepared_{seed}" / study.case_id  # one BraTS 2021 dataset folder for the bundle
-    report = prepare_study(study.series, prepared, case_id=study.case_id, brain_method=default)
+    report = prepare_study(study.series, prepared, case_id=study.case_id, brain_method=default, bias_correction=bias_correction)
     prep_s = time.perf_counter() - t0
     mask_img = nib.load(prepared / report["brain"]["mask"])
     mask = np.asarray(mask_img.dataobj) > 0
@@ -151,12 +151,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="auto", choices=METHODS, help="brain extraction of the timed preparation")
     ap.add_argument("--compare", nargs="*", default=list(ATLAS_METHODS), choices=METHODS, help="brain-extraction methods to compare")
+    ap.add_argument("--bias_correction", action="store_true", help="N4 on every prepared series (prepare_study's option)")
     ap.add_argument("--no_segment", action="store_true", help="skip the segmentation comparison")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = []
     for i in range(args.studies):
-        row = run_study(i, args.seed, args.work_dir, args.compare, args.method)
+        row = run_study(i, args.seed, args.work_dir, args.compare, args.method, args.bias_correction)
         rows.append(row)
         print(f"[{row['study']}] errors {', '.join(f'{s} {e:.2f}' for s, e in row['errors'].items())} mm; "
               f"Dice {', '.join(f'{m} {d:.3f}' for m, d in row['dice'].items())}; {row['prepare_s']:.1f} s", flush=True)
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
         f"{dt.datetime.now().isoformat(timespec='seconds')}, {platform.machine()}, load average {load_average()}; "
         f"{(time.perf_counter() - t0) / 60:.1f} min (preparation)  ",
         f"{args.studies} studies of `custom.synthetic.raw_study` seed {args.seed} (full-size cases, series on their own grids, "
-        f"poses up to 10 degrees / 10 mm); `prepare_study` with brain method `{args.method}`, 1 mm grid, no N4.  ",
+        f"poses up to 10 degrees / 10 mm); `prepare_study` with brain method `{args.method}`, 1 mm grid, "
+        f"{'N4 bias-field correction' if args.bias_correction else 'no N4'}.  ",
         f"Targets: registration error <= {TARGET_MM} mm, brain-mask Dice >= {TARGET_DICE}, <= {TARGET_S:g} s a study.", "",
         "## Registration error (mm) and preparation", "",
         "| study | reference | T1 | T2 | FLAIR | worst (mm) | brain Dice | brain mL (truth) | preparation (s) |",
