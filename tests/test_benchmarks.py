@@ -37,7 +37,7 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
 def test_compare_models_trains_and_scores_every_requested_variant(small_dataset, tmp_path):
     out = tmp_path / "compare.md"
     # one variant keeps this a test of the script (the U-Net trains in tests/test_bundle.py); the table is the benchmark's.
-    # --no_timing skips its two timed inference runs (about 25 s); inference speed has its own benchmark, smoke-tested below
+    # --no_timing skips its two timed inference runs (about 28 s of the test); inference speed has its own benchmark, smoke-tested below
     stdout = run_script("compare_models.py", "--variants", "both", "--epochs", "1", "--dataset_dir", small_dataset, "--no_timing",
                         "--override", "iterations_per_epoch=null", "--work_dir", tmp_path / "work", "--out", out)  # one pass
     text = out.read_text()
