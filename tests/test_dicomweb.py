@@ -373,13 +373,14 @@ def test_orthanc_answers_loopback_only(orthanc):
 # ------------------------------------------------------------------------ the datastore, in-process
 
 
-def _datastore(orthanc, cache: Path, search_filter=None):
+def _datastore(orthanc, cache: Path, search_filter=None, prepared_spacing: float = 1.0):
     from monailabel.datastore.dicom import DICOMwebClientX
 
     from lib.datastore.dicomweb import BraTSDICOMwebDatastore
 
     client = DICOMwebClientX(url=orthanc.dicomweb_url)
-    return BraTSDICOMwebDatastore(client, search_filter or {"Modality": "CT"}, LAYOUTS["brats2023"], cache_path=str(cache))
+    return BraTSDICOMwebDatastore(client, search_filter or {"Modality": "CT"}, LAYOUTS["brats2023"], cache_path=str(cache),
+                                  prepared_spacing=prepared_spacing)
 
 
 @pytest.fixture(scope="module")
@@ -665,9 +666,10 @@ def test_infer_on_study_missing_a_modality_says_what_was_found(server, uploaded)
 
 
 def test_infer_on_a_raw_study_prepares_it_and_stores_a_seg_on_the_flair_series(server, orthanc, uploaded, raw_study, tmp_path):
-    """Issue #16: series on their own grids are co-registered onto the FLAIR, brain-extracted and
-    segmented; the label and its DICOM SEG lie on the FLAIR series and agree with the segmentation of
-    the BraTS-ready version of the case carried onto that series through the generator's true pose."""
+    """Issue #16: series on their own grids are co-registered onto the T1ce (the reference series),
+    brain-extracted and segmented; the label and its DICOM SEG lie on the FLAIR series (carried there
+    through the FLAIR's registration) and agree with the segmentation of the BraTS-ready version of
+    the case carried onto that series through the generator's true pose."""
     info = uploaded["raw"]
     raw, _, ready_dir = raw_study
     assert {s.description for s in info.series.values()} == set(RAW_NAMES.values())
@@ -679,7 +681,8 @@ def test_infer_on_a_raw_study_prepares_it_and_stores_a_seg_on_the_flair_series(s
     assert_same_world(np.asanyarray(flair.dataobj), flair.affine, np.asanyarray(source.dataobj), source.affine)
     assert set(np.unique(pred).tolist()) <= {0, 1, 2, 3}
     log = server["log"].read_text()
-    assert f"study {info.study_uid}: series on different grids" in log and "prepared in" in log, log[-3000:]
+    assert f"study {info.study_uid}: series on different grids" in log and "preparing onto T1ce, results on FLAIR" in log, log[-3000:]
+    assert "prepared in" in log and "registered T1 " in log and "registered T1ce" not in log, log[-3000:]
     # the BraTS-ready case through the same server (one 4D upload), carried onto the FLAIR series
     stack = np.stack([np.asanyarray(nib.load(ready_dir / f"BraTS2021_00000_{m}.nii.gz").dataobj) for m in MODALITIES], axis=-1)
     four_d = tmp_path / "ready_4d.nii.gz"
@@ -699,6 +702,25 @@ def test_infer_on_a_raw_study_prepares_it_and_stores_a_seg_on_the_flair_series(s
     labels = {"necrotic tumour core": 1, "peritumoral oedema": 2, "enhancing tumour": 3}
     decoded, decoded_affine = decode_seg(seg, labels)
     assert_same_world(decoded, decoded_affine, pred, affine)
+    # training: a final label drawn on the FLAIR (here the prediction) reaches the prepared grid through the FLAIR's
+    # registration (the server's prepared study, from its cache), where it matches the label carried by the true pose
+    store = _datastore(orthanc, server["tmp"] / "cache", {"Modality": "MR"}, prepared_spacing=2.0)  # the server's cache and grid
+    (cached,) = (server["tmp"] / "cache").glob(f"*/prepared/{info.series['flair'].series_uid}/preparation.json")
+    prepared_at = cached.stat().st_mtime
+    final = tmp_path / "final_on_flair.nii.gz"
+    nib.save(nib.Nifti1Image(pred.astype(np.uint8), affine), final)
+    store.save_label(info.series["flair"].series_uid, str(final), "final", {})
+    report = store.prepared_study(info.series["flair"].series_uid)
+    assert report["reference"]["sequence"] == "t1ce" and report["series"]["t1ce"]["registration"]["start"] == "reference"
+    (item,) = [i for i in store.datalist() if i["sequences"] == list(MODALITIES) and "prepared" in i["label"]]
+    on_grid = nib.load(item["label"])
+    grid_affine = np.array(report["grid"]["affine_ras"])
+    assert on_grid.shape == tuple(report["grid"]["shape"]) and np.allclose(on_grid.affine, grid_affine, atol=1e-4)
+    m = np.linalg.inv(affine) @ raw.true_transform("flair") @ grid_affine  # prepared voxel -> T1ce world -> FLAIR world -> voxel
+    truly = ndi.affine_transform(pred.astype(np.uint8), m[:3, :3], m[:3, 3], on_grid.shape, order=0) > 0
+    got = np.asarray(on_grid.dataobj) > 0
+    assert 2.0 * (got & truly).sum() / (got.sum() + truly.sum()) >= 0.9
+    assert cached.stat().st_mtime == prepared_at  # the server's preparation, not a new one
 
 
 # ---------------------------------------------------------------------------------------------- OHIF

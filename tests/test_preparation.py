@@ -149,6 +149,17 @@ def test_map_to_reference(study, prepared, tmp_path):
     assert 2 * (wt_again & (label > 0)).sum() / (wt_again.sum() + (label > 0).sum()) > 0.9
     with pytest.raises(PreparationError, match="the reference series is"):
         map_from_reference(src, out, tmp_path / "wrong.nii.gz")  # a label on the prepared grid, not the reference's
+    # onto another series' grid through its registration (the FLAIR, where the DICOMweb datastore's labels lie), and back
+    on_flair = map_to_reference(src, out, tmp_path / "label_flair.nii.gz", series="flair")
+    flair_img, img = nib.load(study.series["flair"]), nib.load(on_flair)
+    assert img.shape == flair_img.shape and np.allclose(img.affine, flair_img.affine)
+    _, truth = study.truth_on_grid(flair_img.shape, flair_img.affine, reference="flair")
+    wt, wt_true = np.asarray(img.dataobj) > 0, truth > 0
+    assert 2 * (wt & wt_true).sum() / (wt.sum() + wt_true.sum()) > 0.8
+    again = np.asarray(nib.load(map_from_reference(on_flair, out, tmp_path / "flair_grid.nii.gz", series="flair")).dataobj) > 0
+    assert 2 * (again & (label > 0)).sum() / (again.sum() + (label > 0).sum()) > 0.9
+    with pytest.raises(PreparationError, match="'dwi' is not one of the prepared study's"):
+        map_to_reference(src, out, tmp_path / "dwi.nii.gz", series="dwi")
 
 
 def test_series_that_does_not_overlap(study, tmp_path):

@@ -1,4 +1,10 @@
-"""A label map on the prepared (model) grid carried back onto the reference series' own grid."""
+"""A label map on the prepared (model) grid carried back onto the grid of one of the study's series
+(by default the reference series), and back again.
+
+The preparation report (``<case>_preparation.json``) holds what it takes: the model grid (shape,
+RAS affine) and, per series, its source grid (shape, RAS affine) and ``registration.matrix_ras``
+(reference world -> series world, identity for the reference).
+"""
 
 from __future__ import annotations
 
@@ -51,27 +57,41 @@ def _resample(data: np.ndarray, affine: np.ndarray, shape: tuple, target_affine:
     return ndi.affine_transform(src, m[:3, :3], m[:3, 3], shape, order=order, cval=0)
 
 
-def map_to_reference(label_path: str | os.PathLike, report_or_dir, out_path: str | os.PathLike, order: int = 0) -> Path:
-    """Write ``label_path`` (a map on the prepared grid) resampled onto the reference series' grid, as
-    NIfTI of the reference's shape and affine: ``order`` 0 = a label map, nearest neighbour, uint8;
-    1 = a continuous map (e.g. uncertainty), trilinear, float32. Returns ``out_path``."""
+def series_grid(report: dict, series: str | None = None) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """``(shape, affine, matrix)`` of a series of the report (default: the reference): its own grid
+    (voxel -> RAS mm) and the registration (reference world -> series world, 4x4 RAS)."""
+    name = series or report["reference"]["sequence"]
+    if name not in report["series"]:
+        raise PreparationError(f"series {name!r} is not one of the prepared study's ({', '.join(report['series'])})")
+    entry = report["series"][name]
+    return tuple(entry["shape"]), np.array(entry["affine_ras"], float), np.array(entry["registration"]["matrix_ras"], float)
+
+
+def map_to_reference(label_path: str | os.PathLike, report_or_dir, out_path: str | os.PathLike, order: int = 0,
+                     series: str | None = None) -> Path:
+    """Write ``label_path`` (a map on the prepared grid) resampled onto the grid of ``series`` (a sequence
+    of the report; default: the reference series), as NIfTI of that series' shape and affine: ``order``
+    0 = a label map, nearest neighbour, uint8; 1 = a continuous map (e.g. uncertainty), trilinear,
+    float32. Returns ``out_path``."""
     report = load_report(report_or_dir)
-    ref = report["reference"]
     label, affine = _read(label_path, "label")
     grid_shape = tuple(report["grid"]["shape"])
     if label.shape != grid_shape:
         raise PreparationError(f"{label_path}: label of shape {label.shape}, the prepared grid is {grid_shape}")
-    ref_affine = np.array(ref["affine_ras"], float)
-    return _save(_resample(label, affine, tuple(ref["shape"]), ref_affine, order), ref_affine, out_path)
+    shape, target_affine, matrix = series_grid(report, series)
+    # target voxel -> series world -> reference world (the prepared grid's) -> label voxel
+    return _save(_resample(label, affine, shape, np.linalg.inv(matrix) @ target_affine, order), target_affine, out_path)
 
 
-def map_from_reference(label_path: str | os.PathLike, report_or_dir, out_path: str | os.PathLike) -> Path:
-    """Write ``label_path`` (a label map on the reference series' grid, e.g. an annotation) resampled by
-    nearest neighbour onto the prepared grid (uint8): the inverse of :func:`map_to_reference`, for training."""
+def map_from_reference(label_path: str | os.PathLike, report_or_dir, out_path: str | os.PathLike, series: str | None = None) -> Path:
+    """Write ``label_path`` (a label map on the grid of ``series``, default the reference series, e.g. an
+    annotation) resampled by nearest neighbour onto the prepared grid (uint8): the inverse of
+    :func:`map_to_reference`, for training."""
     report = load_report(report_or_dir)
     label, affine = _read(label_path, "label")
-    ref_shape = tuple(report["reference"]["shape"])
-    if label.shape != ref_shape:
-        raise PreparationError(f"{label_path}: label of shape {label.shape}, the reference series is {ref_shape}")
+    shape, _, matrix = series_grid(report, series)
+    if label.shape != shape:
+        raise PreparationError(f"{label_path}: label of shape {label.shape}, the {series or 'reference'} series is {shape}")
     grid_affine = np.array(report["grid"]["affine_ras"], float)
-    return _save(_resample(label, affine, tuple(report["grid"]["shape"]), grid_affine, 0), grid_affine, out_path)
+    # prepared voxel -> reference world -> series world -> label voxel
+    return _save(_resample(label, np.linalg.inv(matrix) @ affine, tuple(report["grid"]["shape"]), grid_affine, 0), grid_affine, out_path)

@@ -28,9 +28,10 @@ series one image; a BraTS network needs the four co-registered modalities of a s
   by ITK) and returned as paths in the canonical order T1, T1ce, T2, FLAIR. Series on one grid
   (BraTS-style co-registered) are used as they are. Series on different grids (a study as it comes
   from the scanner: own orientation, voxel size, pose; skull present) are prepared first
-  (``custom.preparation.prepare_study``: rigid mutual-information registration onto the display
-  series, brain extraction, a grid of ``--conf dicomweb_prepared_spacing`` mm, default 1), cached in
-  ``prepared/<image id>/``; the inference result is carried back onto the display series' grid
+  (``custom.preparation.prepare_study``: rigid mutual-information registration onto the reference
+  series, T1ce, else FLAIR, else T2, brain extraction on it, a grid of ``--conf
+  dicomweb_prepared_spacing`` mm, default 1), cached in ``prepared/<image id>/``; the inference
+  result is carried back onto the display series' grid through the display series' registration
   (``result_on_image``) before it is returned or stored, and training gets the final labels carried
   onto the prepared grid. HTTP 422 when a study cannot be prepared (the message names the step).
 - **Labels** (``save_label``: the infer task with ``save_label``, ``PUT /datastore/label``, OHIF's
@@ -81,7 +82,7 @@ from pydicom.dataset import Dataset
 
 from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, Layout
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
-from custom.preparation import PreparationError, map_from_reference, map_to_reference, prepare_study
+from custom.preparation import REFERENCE_ORDER, PreparationError, map_from_reference, map_to_reference, prepare_study
 from lib.datastore.brats import check_label_file
 
 logger = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
     def model_input(self, image_id: str) -> List[str]:
         """The modality volumes of ``image_id`` (those the study has, see ``model_sequences``) as NIfTI
         paths, canonical order T1, T1ce, T2, FLAIR: the series themselves when they share one grid,
-        else the study prepared onto the display series (``prepared_study``)."""
+        else the study prepared (``prepared_study``)."""
         study = self.study(image_id)
         sequences = study.sequences
         paths = [self.series_nifti(study.study_uid, study.series[m]) for m in sequences]
@@ -294,9 +295,11 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
 
     def prepared_study(self, image_id: str) -> Optional[dict]:
         """The preparation report of a study whose series lie on different grids (None when they share
-        one): every series registered rigidly onto the display series (FLAIR, else T2: the series the
-        labels lie on), brain extracted, resampled to ``prepared_spacing`` mm
-        (``custom.preparation.prepare_study``), cached in ``prepared/<image id>/`` until a series changes.
+        one): every series registered rigidly onto the reference series (``prepare_study``'s default:
+        T1ce, else FLAIR, else T2; a 3D T1ce is usually the finest series), brain extracted on it,
+        resampled to ``prepared_spacing`` mm (``custom.preparation.prepare_study``), cached in
+        ``prepared/<image id>/`` until a series changes. Labels lie on the display series: results
+        reach it through its registration (``result_on_image``).
         HTTP 422 when the study cannot be prepared (no overlap, poor registration, no brain)."""
         study = self.study(image_id)
         sequences = study.sequences
@@ -308,6 +311,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         folder = os.path.join(self._prepared_dir, study.image_id)
         key = {m: [study.series[m]["SeriesInstanceUID"], os.path.getmtime(p)] for m, p in paths.items()}
         key["spacing_mm"] = self.prepared_spacing
+        key["reference"] = next(m for m in REFERENCE_ORDER if m in paths)
         with self._lock_for(f"prepared:{study.image_id}"):
             report_file = os.path.join(folder, "preparation.json")
             if os.path.exists(report_file):
@@ -316,10 +320,11 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
                     return cached["report"]
             grid_text = "; ".join(f"{SEQUENCE_NAMES[m]} {study.series[m]['SeriesDescription']!r}: shape {g.shape[:3]}, "
                                   f"voxel {np.round(g.header.get_zooms()[:3], 3).tolist()} mm" for m, g in grids.items())
-            logger.info(f"study {study.study_uid}: series on different grids ({grid_text}): preparing onto {SEQUENCE_NAMES[study.display]}")
+            logger.info(f"study {study.study_uid}: series on different grids ({grid_text}): preparing onto {SEQUENCE_NAMES[key['reference']]}, "
+                        f"results on {SEQUENCE_NAMES[study.display]}")
             tmp = f"{folder}.{uuid.uuid4().hex}.tmp"
             try:
-                report = prepare_study(paths, tmp, reference=study.display, case_id="study", spacing=self.prepared_spacing)
+                report = prepare_study(paths, tmp, reference=key["reference"], case_id="study", spacing=self.prepared_spacing)
                 pathlib.Path(tmp, "preparation.json").write_text(json.dumps({"key": key, "report": report}))
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
@@ -329,7 +334,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             regs = ", ".join(f"{SEQUENCE_NAMES[m]} {r['registration']['rotation_total_deg']:.1f} deg MI {r['registration']['mutual_information']}"
-                             for m, r in report["series"].items() if m != study.display)
+                             for m, r in report["series"].items() if m != key["reference"])
             logger.info(f"study {study.study_uid}: prepared in {report['seconds']:.1f} s (brain {report['brain']['volume_ml']:.0f} mL, "
                         f"{report['brain']['method']}; registered {regs})")
             return report
@@ -342,7 +347,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         if report is None:
             return result_file
         out = re.sub(r"(\.nii)?(\.gz)?$", "", result_file) + "_on_image.nii.gz"
-        map_to_reference(result_file, report, out, order=1 if continuous else 0)
+        map_to_reference(result_file, report, out, order=1 if continuous else 0, series=self.study(image_id).display)
         return out
 
     def model_sequences(self, image_id: str) -> List[str]:
@@ -584,7 +589,9 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             label = self.get_label_uri(i, DefaultLabelTag.FINAL)
             report = self.prepared_study(i)
             if report is not None:  # the label lies on the display series: onto the prepared grid
-                label = os.fspath(map_from_reference(label, report, os.path.join(self._prepared_dir, self.study(i).image_id, "final_label.nii.gz")))
+                study = self.study(i)
+                label = os.fspath(map_from_reference(label, report, os.path.join(self._prepared_dir, study.image_id, "final_label.nii.gz"),
+                                                     series=study.display))
             items.append({"image": self.model_input(i), "label": label, "sequences": self.model_sequences(i)})
         return items
 
