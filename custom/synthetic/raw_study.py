@@ -161,7 +161,7 @@ def _posed_extent(brain: np.ndarray, affine: np.ndarray, pose: np.ndarray) -> tu
     return pts.min(0), pts.max(0)
 
 
-def _series_affine(rng: np.random.Generator, orientation: str, voxel: tuple, shape: tuple, centre: np.ndarray) -> np.ndarray:
+def series_affine(rng: np.random.Generator, orientation: str, voxel: tuple, shape: tuple, centre: np.ndarray) -> np.ndarray:
     """Voxel -> world (RAS mm) of a grid with its slice axis along ``orientation``, in-plane axes flipped or
     swapped at random, centred on ``centre``."""
     slice_axis = SLICE_AXIS[orientation]
@@ -175,7 +175,7 @@ def _series_affine(rng: np.random.Generator, orientation: str, voxel: tuple, sha
     return aff
 
 
-def _acquire(rng: np.random.Generator, head: np.ndarray, head_affine: np.ndarray, pose: np.ndarray, aff: np.ndarray,
+def acquire(rng: np.random.Generator, head: np.ndarray, head_affine: np.ndarray, pose: np.ndarray, aff: np.ndarray,
              shape: tuple, thickness: float, snr: float, bias: float) -> np.ndarray:
     """Sample ``head`` (voxel -> head frame ``head_affine``) at the voxels of a series grid (voxel ->
     world ``aff``) seen through ``pose``, averaging across the slice thickness; bias field and Rician noise."""
@@ -234,9 +234,9 @@ def generate_raw_study(index: int, seed: int, out_dir: str | Path, size: str = "
         coverage = ext[slice_axis] + rng.uniform(0.0, 20.0)
         shape = (int(np.ceil(fov_in / voxel[0])), int(np.ceil(fov_in / voxel[1])), int(np.ceil(coverage / voxel[2])))
         fov_centre = (lo + hi) / 2 + rng.uniform(-4.0, 4.0, 3)  # the operator centres the field of view on the head
-        aff = _series_affine(rng, orientation, voxel, shape, fov_centre)
+        aff = series_affine(rng, orientation, voxel, shape, fov_centre)
         snr = float(rng.uniform(15.0, 40.0))
-        img = _acquire(rng, head[s], head_affine, pose, aff, shape, voxel[2], snr, float(rng.uniform(0.1, 0.3)))
+        img = acquire(rng, head[s], head_affine, pose, aff, shape, voxel[2], snr, float(rng.uniform(0.1, 0.3)))
         scale = float(rng.uniform(300.0, 1500.0))
         data = np.clip(np.rint(img * scale), 0, 32767).astype(np.int16)
         path = out_dir / f"{case}_{s}_raw.nii.gz"
