@@ -2,8 +2,9 @@
 
 * :mod:`custom.preparation.series`: reading a series of any grid (NIfTI -> SimpleITK, RAS <-> LPS);
 * :mod:`custom.preparation.registration`: rigid Mattes-MI registration of a series to the reference;
-* :mod:`custom.preparation.brain`: brain extraction with the MNI152 atlas nilearn ships (no weights),
+* :mod:`custom.preparation.brain`: brain extraction with the MNI152 atlas nilearn ships and deepbet,
   or the series' own brain when it is already skull-stripped;
+* :mod:`custom.preparation.deepbet_brain`: deepbet's network (weights in its wheel) on the reference;
 * :mod:`custom.preparation.grid`: the BraTS-like model grid, resampling, N4 bias correction;
 * :mod:`custom.preparation.mapping`: a label on the model grid onto the reference's grid, and back;
 * :mod:`custom.preparation.study`: :func:`prepare_study`, the whole job, and its report;

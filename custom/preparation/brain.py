@@ -1,4 +1,4 @@
-"""Brain extraction on the reference series without trained weights: an atlas registered onto the head.
+"""Brain extraction on the reference series: an atlas registered onto the head, and deepbet.
 
 1. :func:`atlas_prior`: a head model registered onto the reference, its brain mask carried over.
    The model is the MNI ICBM152 2009a T1 brain template that nilearn ships in its wheel (no
@@ -12,10 +12,14 @@
    (threshold between the skull's level and the brain edge's) connected to the prior's core, within
    ``reach`` mm of the prior's edge; the prior's core is always kept.
 
+3. :func:`~custom.preparation.deepbet_brain.deepbet_mask`: deepbet's network (trained on real
+   T1-weighted heads, weights in its wheel) on the reference; the atlas still places the grid.
+
 A series that is already skull-stripped (BraTS-ready input, research data) keeps its own brain:
-:func:`stripped_mask` (the default ``"auto"`` tries it first). Methods (:data:`METHODS`):
-``"skull-stripped"``, ``"atlas-deformable"`` (prior > 0.5 after the B-spline step),
-``"atlas-affine"`` (after the affine step), ``"atlas+intensity"`` (the affine prior refined by 2);
+:func:`stripped_mask` (the default ``"auto"`` tries it first, then :func:`auto_method`). Methods
+(:data:`METHODS`): ``"skull-stripped"``, ``"atlas-deformable"`` (prior > 0.5 after the B-spline
+step), ``"atlas-affine"`` (after the affine step), ``"atlas+intensity"`` (the affine prior refined by
+2), ``"deepbet"`` (3 on the affine atlas' grid), ``"deepbet+atlas"`` (what both 1 and 3 call brain);
 measured against each other by ``benchmarks/preparation.py``.
 """
 
@@ -35,8 +39,9 @@ from custom.preparation.grid import ModelGrid, resample_to_grid, upright_rotatio
 from custom.preparation.registration import SEED, head_points, otsu_threshold, transform_matrix, working_image
 from custom.preparation.series import RAS_TO_LPS, image_affine, image_from_array
 
-METHODS = ("auto", "skull-stripped", "atlas-affine", "atlas-deformable", "atlas+intensity")
-ATLAS_METHODS = ("atlas-affine", "atlas-deformable", "atlas+intensity")
+METHODS = ("auto", "skull-stripped", "atlas-affine", "atlas-deformable", "atlas+intensity", "deepbet", "deepbet+atlas")
+ATLAS_METHODS = ("atlas-affine", "atlas-deformable", "atlas+intensity", "deepbet", "deepbet+atlas")
+DEEPBET_MAX_VOXEL_MM = 1.5  # deepbet learnt from 3D T1-weighted series of about 1 mm: "auto" gives coarser references the atlas alone
 STRIPPED_BACKGROUND_SHARE = 0.3  # of the voxels at the corners' exact value: a skull-stripped series
 STRIPPED_VOLUME_ML = (500.0, 2500.0)  # what such a series' non-background may measure to count as a brain
 BRAIN_TOP_DEPTH_MM = 12.0  # scalp + skull above the top of the brain, for the start of the atlas registration
@@ -227,6 +232,12 @@ def stripped_mask(reference: sitk.Image) -> np.ndarray | None:
     return mask if STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1] else None
 
 
+def auto_method(reference: sitk.Image) -> str:
+    """What ``"auto"`` does on a head with its skull: ``"deepbet+atlas"`` on a 3D series (no voxel side
+    over :data:`DEEPBET_MAX_VOXEL_MM`), else ``"atlas-deformable"``."""
+    return "deepbet+atlas" if max(reference.GetSpacing()) <= DEEPBET_MAX_VOXEL_MM else "atlas-deformable"
+
+
 def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", reference_work: sitk.Image | None = None) -> dict:
     """Brain mask of ``reference`` on the model grid: ``{"mask", "grid", "matrix", "metric", "volume_ml", "seconds", "method"}``.
 
@@ -234,7 +245,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
     its axes those of the head (``rotation``: reference world -> the atlas' axes) when the atlas was
     registered, else (None) the scanner's.
     ``method`` ``"auto"``: the series' own brain if it is skull-stripped (:func:`stripped_mask`), else
-    ``"atlas-deformable"``; ``"skull-stripped"`` raises ``PreparationError`` if it is not.
+    :func:`auto_method`; ``"skull-stripped"`` raises ``PreparationError`` if it is not.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -253,9 +264,9 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
         if method == "skull-stripped":
             raise PreparationError("the reference series is not skull-stripped (no constant background around a brain-sized "
                                    "region): use brain extraction (method 'auto' or an atlas method)")
-        method = "atlas-deformable"
+        method = auto_method(reference)
     with single_threaded():
-        matrix, transform, metric = atlas_prior(reference, reference_work, deformable=method == "atlas-deformable")
+        matrix, transform, metric = atlas_prior(reference, reference_work, deformable=method in ("atlas-deformable", "deepbet+atlas"))
     tmask = template()[1]
     pts = np.argwhere(np.transpose(sitk.GetArrayFromImage(tmask), (2, 1, 0)) > 0.5)
     world = pts @ image_affine(tmask)[:3, :3].T + image_affine(tmask)[:3, 3]
@@ -275,6 +286,13 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
         prior = prior_on_grid(transform, grid)
     if method == "atlas+intensity":
         mask = refine_mask(resample_to_grid(reference, grid), prior, grid.spacing)
+    elif method in ("deepbet", "deepbet+atlas"):
+        from custom.preparation.deepbet_brain import deepbet_mask
+
+        net, net_affine = deepbet_mask(reference)
+        mask = resample_to_grid(image_from_array(net.astype(np.uint8), net_affine, np.uint8), grid, label=True) > 0
+        if method == "deepbet+atlas":
+            mask &= prior > 0.5
     else:
         mask = prior > 0.5
     return {"mask": mask, "grid": grid, "matrix": matrix, "metric": metric, "method": method,
