@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from benchmarks.real_mri import BRATS2015_REGIONS, FILES_2015, PRED_REGIONS, SUFFIX_2023, link_case, region_masks, run_inference
+from benchmarks.step_runner import emit_tables
 from custom.data import REGIONS
 from custom.synthetic.fields import rotation
 from custom.synthetic.raw_study import HEAD_MARGIN_MM, PROTOCOLS, SLICE_AXIS, acquire, series_affine
@@ -170,12 +171,7 @@ def main(argv=None) -> int:
                "date": dt.datetime.now().isoformat(timespec="seconds"),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
                "seconds": seconds, "rows": rows}
-    text = report_text(results)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    emit_tables(report_text(results), args.out, results)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shlex
@@ -38,6 +37,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from benchmarks.step_runner import emit_tables
 from custom.data import CONVENTIONS, REGIONS
 from custom.metrics import region_metrics
 from devtools import REPO
@@ -189,12 +189,7 @@ def main(argv=None) -> int:
                             overlay_png(args.images_dir / f"{d.name}_{tag}_{ds.name}.png", fl, t1c, None, pred, f"{d.name} ({args.label}, {name})")
                 run["brats2023"] = vols
             results["runs"][tag] = run
-    text = report(results, args.label)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    emit_tables(report(results, args.label), args.out, results)
     return 0
 
 

@@ -104,10 +104,12 @@ def cuda_available() -> bool:
         return False
 
 
-def emit_tables(text: str, out: Path | None) -> None:
-    """Print the markdown ``text`` and, with ``out``, write it there too."""
+def emit_tables(text: str, out: Path | None, record: dict | None = None) -> None:
+    """Print the markdown ``text`` and, with ``out``, write it there too (and ``record`` as JSON beside it, ``.json``)."""
     print("\n" + text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
+        if record is not None:
+            out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"# tables written to {out}")
