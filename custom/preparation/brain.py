@@ -11,7 +11,6 @@
 2. :func:`refine_mask` on the model grid: the intracranial space, i.e. voxels brighter than bone
    (threshold between the skull's level and the brain edge's) connected to the prior's core, within
    ``reach`` mm of the prior's edge; the prior's core is always kept.
-
 3. :func:`~custom.preparation.deepbet_brain.deepbet_mask`: deepbet's network (trained on real
    T1-weighted heads, weights in its wheel) on the reference; the atlas still places the grid.
 
