@@ -34,11 +34,14 @@ TARGET_MM, TARGET_DICE, TARGET_S, TARGET_SEG = 1.5, 0.95, 60.0, 0.05
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
 
 
+def mean_displacement(points: np.ndarray, true: np.ndarray, found: np.ndarray) -> float:
+    """Mean distance (mm) between ``points`` (N, 3) mapped by the ``true`` and by the ``found`` 4x4 transform."""
+    return float(np.linalg.norm(points @ (true[:3, :3] - found[:3, :3]).T + (true[:3, 3] - found[:3, 3]), axis=1).mean())
+
+
 def registration_error(study, seq: str, matrix: np.ndarray) -> float:
     """Mean displacement (mm) of the reference's brain voxels between the true and the recovered transform."""
-    pts = study.brain_points()
-    true = study.true_transform(seq)
-    return float(np.linalg.norm(pts @ (true[:3, :3] - matrix[:3, :3]).T + (true[:3, 3] - matrix[:3, 3]), axis=1).mean())
+    return mean_displacement(study.brain_points(), study.true_transform(seq), matrix)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

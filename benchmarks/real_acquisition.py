@@ -33,9 +33,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from benchmarks.preparation import mean_displacement
 from benchmarks.real_mri import BRATS2015_REGIONS, FILES_2015, PRED_REGIONS, SUFFIX_2023, link_case, region_masks, run_inference
 from benchmarks.step_runner import emit_tables
 from custom.data import REGIONS
+from custom.preparation.registration import rotation_angle_deg
 from custom.synthetic.fields import rotation
 from custom.synthetic.raw_study import HEAD_MARGIN_MM, PROTOCOLS, SLICE_AXIS, acquire, series_affine
 from devtools import REPO
@@ -81,7 +83,7 @@ def acquire_case(images: dict[str, np.ndarray], brain: np.ndarray, affine: np.nd
         nii.set_sform(aff, code=1)
         nib.save(nii, path)
         out[s] = {"path": path, "pose": pose, "acquisition": f"{orientation[:3]} {'x'.join(f'{v:g}' for v in voxel)}",
-                  "angle_deg": float(np.degrees(np.arccos(np.clip((np.trace(pose[:3, :3]) - 1) / 2, -1, 1)))),
+                  "angle_deg": rotation_angle_deg(pose),
                   "shift_mm": float(np.linalg.norm(shift))}
     return out
 
@@ -92,8 +94,13 @@ def on_grid(label: np.ndarray, affine: np.ndarray, pose: np.ndarray, target: nib
     return ndi.affine_transform(label.astype(np.int16), m[:3, :3], m[:3, 3], target.shape[:3], order=0)
 
 
+def brain_points(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return np.argwhere(brain[::2, ::2, ::2]) * 2 @ affine[:3, :3].T + affine[:3, 3]
+
+
 def load_cases(root: Path) -> dict[str, dict]:
-    """case -> {"images": seq -> float32 array (background 0), "brain", "affine", "label" or None, "ready": seq -> path}."""
+    """case -> {"images": seq -> float32 array (background 0), "brain", "brain_points" ((N, 3) RAS mm of every other
+    brain voxel), "affine", "label" or None, "ready": seq -> path}."""
     cases = {}
     for d in sorted((root / "brats2015_flair_t1c").glob("*/")):
         ready = {s: d / f for s, f in FILES_2015.items()}
@@ -103,19 +110,15 @@ def load_cases(root: Path) -> dict[str, dict]:
             a = np.asarray(nib.load(p).dataobj, np.float32)
             images[s] = np.maximum(a - a[0, 0, 0], 0.0)  # z-scored, constant background -> background 0
         brain = np.asarray(nib.load(d / "brainmask.nii.gz").dataobj) > 0.5
-        cases[d.name] = {"images": images, "brain": brain, "affine": ref.affine, "ready": ready,
+        cases[d.name] = {"images": images, "brain": brain, "affine": ref.affine, "ready": ready, "brain_points": brain_points(brain, ref.affine),
                          "label": np.asarray(nib.load(d / "OTMultiClass.nii.gz").dataobj).astype(np.int16)}
     for d in sorted(root.glob("BraTS-GLI-*/")):
         ready = {s: d / f"{d.name}-{suffix}.nii.gz" for s, suffix in SUFFIX_2023.items()}
         images = {s: np.asarray(nib.load(p).dataobj, np.float32) for s, p in ready.items()}
         brain = ndi.binary_fill_holes(np.any([a > 0 for a in images.values()], axis=0))
-        cases[d.name] = {"images": images, "brain": brain, "affine": nib.load(ready["t1ce"]).affine, "ready": ready, "label": None}
+        affine = nib.load(ready["t1ce"]).affine
+        cases[d.name] = {"images": images, "brain": brain, "affine": affine, "ready": ready, "brain_points": brain_points(brain, affine), "label": None}
     return cases
-
-
-def registration_error(report: dict, seq: str, true: np.ndarray, brain_ref: np.ndarray) -> float:
-    got = np.array(report["series"][seq]["registration"]["matrix_ras"], float)
-    return float(np.linalg.norm(brain_ref @ (true[:3, :3] - got[:3, :3]).T + (true[:3, 3] - got[:3, 3]), axis=1).mean())
 
 
 def main(argv=None) -> int:
@@ -152,9 +155,10 @@ def main(argv=None) -> int:
                 ready = on_grid(np.asarray(nib.load(tmp / "pred_ready" / f"{name}.nii.gz").dataobj), c["affine"], series["t1ce"]["pose"], ref_img)
                 report = json.loads((tmp / f"pred_raw_{draw}" / "prepared" / name / f"{name}_preparation.json").read_text())
                 pose_ref = series["t1ce"]["pose"]
-                brain_pts = np.argwhere(c["brain"][::2, ::2, ::2]) * 2 @ c["affine"][:3, :3].T + c["affine"][:3, 3]
-                brain_ref = brain_pts @ pose_ref[:3, :3].T + pose_ref[:3, 3]
-                errors = {s: registration_error(report, s, series[s]["pose"] @ np.linalg.inv(pose_ref), brain_ref) for s in series if s != "t1ce"}
+                brain_ref = c["brain_points"] @ pose_ref[:3, :3].T + pose_ref[:3, 3]
+                errors = {s: mean_displacement(brain_ref, series[s]["pose"] @ np.linalg.inv(pose_ref),
+                                               np.array(report["series"][s]["registration"]["matrix_ras"], float))
+                          for s in series if s != "t1ce"}
                 rp, rr = region_masks(raw, PRED_REGIONS), region_masks(ready, PRED_REGIONS)
                 row = {"case": name, "draw": draw, "acquisition": {s: series[s]["acquisition"] for s in series},
                        "pose": {s: [round(series[s]["angle_deg"], 1), round(series[s]["shift_mm"], 1)] for s in series},

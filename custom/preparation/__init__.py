@@ -23,9 +23,9 @@ from custom.preparation.mapping import load_report, map_from_reference, map_to_r
 from custom.preparation.registration import Registration, register_rigid
 from custom.preparation.series import image_affine, image_from_array, read_series
 from custom.preparation.studies import PreparedStudies, study_series
-from custom.preparation.study import REFERENCE_ORDER, output_name, prepare_study
+from custom.preparation.study import default_reference, output_name, prepare_study
 
 __all__ = [
-    "METHODS", "PreparationError", "REFERENCE_ORDER", "Registration", "extract_brain", "image_affine", "image_from_array", "load_report",
+    "METHODS", "PreparationError", "Registration", "default_reference", "extract_brain", "image_affine", "image_from_array", "load_report",
     "map_from_reference", "map_to_reference", "output_name", "prepare_study", "read_series", "register_rigid", "PreparedStudies", "study_series",
 ]

@@ -33,6 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import ModelGrid, resample_to_grid, upright_rotation
 from custom.preparation.registration import SEED, head_points, otsu_threshold, transform_matrix, working_image
@@ -286,8 +287,6 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
     if method == "atlas+intensity":
         mask = refine_mask(resample_to_grid(reference, grid), prior, grid.spacing)
     elif method in ("deepbet", "deepbet+atlas"):
-        from custom.preparation.deepbet_brain import deepbet_mask
-
         net, net_affine = deepbet_mask(reference)
         mask = resample_to_grid(image_from_array(net.astype(np.uint8), net_affine, np.uint8), grid, label=True) > 0
         if method == "deepbet+atlas":

@@ -51,10 +51,15 @@ class Registration:
     def to_dict(self) -> dict:
         return {"sequence": self.sequence, "rotation_deg": [round(float(v), 3) for v in self.rotation_deg],
                 "translation_mm": [round(float(v), 3) for v in self.translation_mm],
-                "rotation_total_deg": round(float(np.degrees(np.arccos(np.clip((np.trace(self.matrix[:3, :3]) - 1) / 2, -1, 1)))), 3),
+                "rotation_total_deg": round(rotation_angle_deg(self.matrix), 3),
                 "matrix_ras": np.round(self.matrix, 6).tolist(), "mutual_information": None if np.isnan(self.metric) else round(float(self.metric), 4),
                 "overlap": round(float(self.overlap), 3), "start": self.start, "iterations": self.iterations,
                 "seconds": round(self.seconds, 2)}
+
+
+def rotation_angle_deg(matrix: np.ndarray) -> float:
+    """Angle (degrees) of the rotation in the upper-left (3, 3) of ``matrix``."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(np.asarray(matrix)[:3, :3]) - 1) / 2, -1, 1))))
 
 
 def identity(sequence: str) -> Registration:

@@ -28,6 +28,12 @@ from custom.preparation.series import read_series
 
 REFERENCE_ORDER = ("t1ce", "flair", "t2")
 """The reference series: the first of these in the study."""
+
+
+def default_reference(sequences) -> str:
+    """The reference series of a study with ``sequences`` (names of ``MODALITIES``): the first of
+    :data:`REFERENCE_ORDER` among them. Raises ``StopIteration`` if none is."""
+    return next(s for s in REFERENCE_ORDER if s in sequences)
 LAYOUT = LAYOUTS["brats2021"]
 
 
@@ -75,7 +81,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     t0 = time.perf_counter()
     paths = canonical_series(series)
     if reference is None:
-        reference = next(s for s in REFERENCE_ORDER if s in paths)
+        reference = default_reference(paths)
     reference = SEQUENCE_ALIASES.get(str(reference).lower(), str(reference))
     if reference not in paths:
         raise PreparationError(f"reference {reference!r} is not one of the study's series ({describe_sequences(paths)})")

@@ -82,7 +82,7 @@ from pydicom.dataset import Dataset
 
 from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, Layout
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
-from custom.preparation import REFERENCE_ORDER, PreparationError, map_from_reference, map_to_reference, prepare_study
+from custom.preparation import PreparationError, default_reference, map_from_reference, map_to_reference, prepare_study
 from lib.datastore.brats import check_label_file
 
 logger = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         folder = os.path.join(self._prepared_dir, study.image_id)
         key = {m: [study.series[m]["SeriesInstanceUID"], os.path.getmtime(p)] for m, p in paths.items()}
         key["spacing_mm"] = self.prepared_spacing
-        key["reference"] = next(m for m in REFERENCE_ORDER if m in paths)
+        key["reference"] = default_reference(paths)
         with self._lock_for(f"prepared:{study.image_id}"):
             report_file = os.path.join(folder, "preparation.json")
             if os.path.exists(report_file):
