@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import shlex
 import sys
@@ -92,8 +93,8 @@ def region_dice(pred: np.ndarray, truth: np.ndarray, truth_convention: str = "br
     return {r: 1.0 if not a[r].any() and not b[r].any() else dice(a[r], b[r]) for r in a}
 
 
-def segment(rows: list[dict], seed: int, work: Path) -> list[str]:
-    """The shipped model on the prepared studies (labels carried onto the reference series) and on the
+def segment(rows: list[dict], seed: int, work: Path, weights: Path) -> list[str]:
+    """The model (``weights``, default the shipped one) on the prepared studies (labels carried onto the reference series) and on the
     BraTS-ready cases; both against the truth. Returns the markdown lines."""
     import json
 
@@ -110,12 +111,12 @@ def segment(rows: list[dict], seed: int, work: Path) -> list[str]:
         write_dataset(ready, max(r["index"] for r in rows) + 1, seed=seed, layout="brats2021", size="full")
     config = [str(REPO / "bundle" / "configs" / "inference.json")]
     seg_raw, seg_ready = work / f"seg_raw_{seed}", work / f"seg_ready_{seed}"
-    raw_s, _ = run_inference(work / f"prepared_{seed}", seg_raw, config, [])
-    ready_s, _ = run_inference(ready, seg_ready, config, [])
-    weights = REPO / "bundle" / "models" / "model.pt"
+    overrides = [f"ckpt_path={str(weights.resolve())!r}"]
+    raw_s, _ = run_inference(work / f"prepared_{seed}", seg_raw, config, overrides)
+    ready_s, _ = run_inference(ready, seg_ready, config, overrides)
     version = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())["version"]
     lines = ["", "## Segmentation: prepared raw study against its BraTS-ready version", "",
-             f"The shipped model (bundle {version}, `models/model.pt` sha256 {file_sha256(weights)[:12]}; `inference.json`, defaults) "
+             f"The model of `{os.path.relpath(weights.resolve(), REPO)}` (sha256 {file_sha256(weights)[:12]}; bundle {version}, `inference.json`, defaults) "
              f"on the {len(rows)} prepared studies ({raw_s:.0f} s in all) and on the "
              f"BraTS-ready cases ({ready_s:.0f} s); raw-study labels carried onto the reference series by nearest neighbour and "
              "scored there against the truth on that grid; BraTS-ready labels scored on the case grid.", "",
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", nargs="*", default=list(ATLAS_METHODS), choices=METHODS, help="brain-extraction methods to compare")
     ap.add_argument("--bias_correction", action="store_true", help="N4 on every prepared series (prepare_study's option)")
     ap.add_argument("--no_segment", action="store_true", help="skip the segmentation comparison")
+    ap.add_argument("--ckpt_path", type=Path, default=REPO / "bundle" / "models" / "model.pt", help="weights of the segmentation comparison")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = []
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
         lines.append(f"| `{m}` | " + " | ".join(f"{x:.3f}" for x in d) + f" | {np.mean(d):.3f} | {np.min(d):.3f} | "
                      f"{np.mean([r['brain_s'][m] for r in rows]):.1f} |")
     if not args.no_segment:
-        lines += segment(rows, args.seed, args.work_dir)
+        lines += segment(rows, args.seed, args.work_dir, args.ckpt_path)
     emit_tables("\n".join(lines) + "\n", args.out)
     return 0
 

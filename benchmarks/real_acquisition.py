@@ -126,8 +126,10 @@ def main(argv=None) -> int:
     p.add_argument("--real_dev", required=True, type=Path, help="the real-dev folder (brats2015_flair_t1c/, BraTS-GLI-*/)")
     p.add_argument("--draws", type=int, default=2, help="acquisitions per case (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--override", action="append", default=[], help="KEY=VALUE, passed to every bundle command (VALUE a Python literal: \"path\")")
     p.add_argument("--out", type=Path, help="markdown file for the tables (printed anyway); a .json beside it")
     args = p.parse_args(argv)
+    overrides = [*args.override, "use_crf=False"]
     cases = load_cases(args.real_dev)
     if not cases:
         p.error(f"{args.real_dev}: neither brats2015_flair_t1c/<case>/ nor BraTS-GLI-*/ found")
@@ -138,13 +140,13 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for name, c in cases.items():
             link_case(tmp / "ready", name, c["ready"])
-        seconds["ready"], _ = run_inference(tmp / "ready", tmp / "pred_ready", configs, ["use_crf=False"])
+        seconds["ready"], _ = run_inference(tmp / "ready", tmp / "pred_ready", configs, overrides)
         for draw in range(args.draws):
             acquired = {}
             for i, (name, c) in enumerate(cases.items()):
                 rng = np.random.default_rng([args.seed, i, draw, 17])
                 acquired[name] = acquire_case(c["images"], c["brain"], c["affine"], rng, tmp / f"raw_{draw}" / name)
-            seconds[f"raw {draw}"], _ = run_inference(tmp / f"raw_{draw}", tmp / f"pred_raw_{draw}", clinical, ["use_crf=False"])
+            seconds[f"raw {draw}"], _ = run_inference(tmp / f"raw_{draw}", tmp / f"pred_raw_{draw}", clinical, overrides)
             for name, c in cases.items():
                 series = acquired[name]
                 ref_img = nib.load(series["t1ce"]["path"])
