@@ -556,3 +556,31 @@ def test_auth_on_unauthenticated_gets_401_signed_token_with_roles_succeeds(auth_
     assert requests.get(f"{url}/info/", timeout=10).status_code == 401
     assert requests.get(f"{url}/info/", headers=user, timeout=10).status_code == 200
     assert idp.requests >= 1  # the server fetched the realm's key from the identity provider
+
+
+def test_a_save_killed_between_its_record_and_the_old_file_keeps_the_recorded_label(tmp_path):
+    """A label saved with the other suffix (.nii after .nii.gz) is copied, recorded, and only then is the old file
+    dropped: a kill in between leaves both files, and a restart serves the recorded one (the last acknowledged or the
+    one in flight), never the older file because its suffix comes first."""
+    from conftest import BRATS_AFFINE, toy_label, write_toy_dataset
+
+    from lib.datastore.brats import open_datastore
+
+    write_toy_dataset(tmp_path / "studies", "brats2021", n=1)
+    store, _ = open_datastore(str(tmp_path / "studies"))
+    image_id = store.list_images()[0]
+    versions = []
+    for k, suffix in enumerate((".nii.gz", ".nii")):
+        lab = toy_label()
+        lab[0, 0, k] = 2  # one voxel of oedema more: another file
+        path = tmp_path / f"upload{k}{suffix}"
+        nib.save(nib.Nifti1Image(lab, BRATS_AFFINE), path)
+        versions.append(path)
+    store.save_label(image_id, str(versions[0]), "final", {})
+    store.save_label(image_id, str(versions[1]), "final", {})
+    labels = tmp_path / "studies" / "labels" / "final"
+    assert sorted(p.name for p in labels.iterdir() if not p.name.startswith(".")) == [f"{image_id}.nii"]
+    shutil.copy(versions[0], labels / f"{image_id}.nii.gz")  # the older file, as a kill before its removal leaves it
+    restarted, _ = open_datastore(str(tmp_path / "studies"))
+    uri = restarted.get_label_uri(image_id, "final")
+    assert uri.endswith(f"{image_id}.nii") and np.array_equal(np.asarray(nib.load(uri).dataobj), np.asarray(nib.load(versions[1]).dataobj))

@@ -246,14 +246,16 @@ class CheckedLocalDatastore(LocalDatastore):
         with FileLock(self._lock_file):
             self._reload_locked()
             atomic_copy(label_filename, os.path.join(label_path, name))
-            for other in LABEL_SUFFIXES:  # one file per (image, tag): then drop a previous one with the other suffix
-                stale = os.path.join(label_path, image_id + other)  # (after the copy: a kill in between keeps a complete label)
-                if other != suffix and os.path.exists(stale):
-                    os.remove(stale)
             info = dict(label_info or {})
             info.update(ts=int(time.time()), name=name)
             self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=suffix)
             self._update_datastore_file(lock=False)
+            # one file per (image, tag): drop a previous one with the other suffix only once the record names the new
+            # file (a kill before this leaves the old file beside it, which a restart ignores in favour of the record)
+            for other in LABEL_SUFFIXES:
+                stale = os.path.join(label_path, image_id + other)
+                if other != suffix and os.path.exists(stale):
+                    os.remove(stale)
         logger.info(f"Saved label {label_tag!r} of {image_id!r} -> {os.path.join(label_path, name)}")
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
@@ -470,12 +472,14 @@ class BraTSDatastore(CheckedLocalDatastore):
                 changed = True
             labels: dict[str, DataModel] = {}
             for tag in tags:
-                for suffix in LABEL_SUFFIXES:
-                    if os.path.isfile(os.path.join(labels_dir, tag, image_id + suffix)):
-                        old = obj.labels.get(tag)
-                        keep = old is not None and old.ext == suffix and not old.info.get("original")
-                        labels[tag] = old if keep else DataModel(ext=suffix, info={"ts": int(time.time()), "name": image_id + suffix})
-                        break
+                found = [sfx for sfx in LABEL_SUFFIXES if os.path.isfile(os.path.join(labels_dir, tag, image_id + sfx))]
+                if not found:
+                    continue
+                old = obj.labels.get(tag)
+                if old is not None and old.ext in found and not old.info.get("original"):
+                    labels[tag] = old  # the recorded file (a save killed before dropping the other suffix leaves both)
+                else:
+                    labels[tag] = DataModel(ext=found[0], info={"ts": int(time.time()), "name": image_id + found[0]})
             if DefaultLabelTag.FINAL not in labels and case.label is not None:
                 old = obj.labels.get(DefaultLabelTag.FINAL)
                 keep = old is not None and old.info.get("original")
