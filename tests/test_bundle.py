@@ -291,7 +291,7 @@ def test_inference_config_repeats_the_training_pipeline_exactly():
     train, infer = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
     for key in ("network_def", "network_settings", "deterministic_transforms", "feature_size", "depths", "num_heads", "spatial_attention",
                 "squeeze_excitation", "dropout_prob", "roi_size", "spacing", "sw_batch_size", "sw_overlap", "layout", "label_convention",
-                "use_crf", "threshold", "sigmoid", "crf", "discretize", "to_label", "use_largest_component", "largest_component"):
+                "use_crf", "threshold", "brain_edge_mm", "sigmoid", "crf", "discretize", "to_label", "use_largest_component", "largest_component"):
         assert infer[key] == train[key], key
     assert infer["inferer"] == train["validate"]["inferer"]
 
