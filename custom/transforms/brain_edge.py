@@ -1,10 +1,10 @@
 """The brain's edge in skull-stripped input: ``TrimBrainEdge(d)`` and ``NormalizeBrainCore(d)``.
 
 A skull-stripped image resampled once more (a tilted series brought onto a grid, a registration,
-a re-acquisition) gains a rim of partial-volume voxels where the brain meets the zero background:
-darker than any tissue, about a voxel thick, 5-8 % more non-zero voxels. Z-scored over every
-non-zero voxel (``NormalizeIntensityd(nonzero=True)``), that rim lowers the mean and raises the
-standard deviation by 10-35 %, which shifts every tissue's normalised intensity. ``TrimBrainEdge``
+a re-acquisition) gains a rim of partial-volume voxels where the brain meets the zero background,
+darker than any tissue and about a voxel thick. Z-scored over every non-zero voxel
+(``NormalizeIntensityd(nonzero=True)``), that rim lowers the mean and raises the standard
+deviation, which shifts every tissue's normalised intensity. ``TrimBrainEdge``
 removes the outer ``margin_mm`` of the brain (before resampling to the model grid);
 ``NormalizeBrainCore`` takes each channel's mean and standard deviation from the voxels at least
 ``depth_mm`` inside the brain, so the rim that resampling to the model grid adds does not count.
