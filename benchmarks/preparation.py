@@ -1,6 +1,7 @@
 """Study preparation (``custom.preparation``) on generated raw studies, against the generator's truth.
 
     python -m benchmarks.preparation --out benchmarks/results/preparation.md     # about 20 min on 2 busy CPU cores
+    python -m benchmarks.preparation --segment_only --variant bundle --variant retrained ckpt_path="'runs/x/model.pt'"
 
 Builds ``--studies`` (8) raw studies of seed ``--seed`` (``custom.synthetic.raw_study``: full-size
 cases in a head, every series on its own grid and pose, clinical voxel sizes) in ``--work_dir``,
@@ -9,9 +10,10 @@ mean: registration error per series (mm: mean displacement of the reference's br
 the true and the recovered transform), brain-mask Dice against the truth on the prepared grid, brain
 volume (mL) and seconds of preparation; then the other brain-extraction methods on the same reference
 (Dice, seconds of extraction alone); then (unless ``--no_segment``) the segmentation: the bundle's
-``inference.json`` (shipped model) on the prepared studies, each label carried onto the reference
+``inference.json`` (as it is, or each ``--variant NAME [KEY=VALUE ...]`` of overrides) on the prepared studies, each label carried onto the reference
 series (``map_to_reference``, what ``clinical.json`` writes), and on the BraTS-ready version of the same
 cases, both scored against the generator's truth (Dice TC/WT/ET, BraTS rule for empty regions).
+``--segment_only`` repeats only the segmentation, on studies prepared before.
 Targets of issue #16: error <= 1.5 mm, Dice >= 0.95, <= 60 s a study, segmentation within 0.05 Dice
 of the BraTS-ready version's.
 """
@@ -19,6 +21,7 @@ of the BraTS-ready version's.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import os
 import platform
@@ -93,9 +96,17 @@ def region_dice(pred: np.ndarray, truth: np.ndarray, truth_convention: str = "br
     return {r: 1.0 if not a[r].any() and not b[r].any() else dice(a[r], b[r]) for r in a}
 
 
-def segment(rows: list[dict], seed: int, work: Path, weights: Path) -> list[str]:
-    """The model (``weights``, default the shipped one) on the prepared studies (labels carried onto the reference series) and on the
-    BraTS-ready cases; both against the truth. Returns the markdown lines."""
+def segment(rows: list[dict], seed: int, work: Path, variants: dict[str, list[str]]) -> list[str]:
+    """Each of ``variants`` (name -> bundle overrides of ``inference.json``) on the prepared studies (labels carried onto the
+    reference series) and on the BraTS-ready cases; both against the truth. Returns the markdown lines."""
+    lines = ["", "## Segmentation: prepared raw study against its BraTS-ready version"]
+    for name, overrides in variants.items():
+        lines += segment_variant(rows, seed, work, name, overrides)
+    return lines
+
+
+def segment_variant(rows: list[dict], seed: int, work: Path, name: str, overrides: list[str]) -> list[str]:
+    """One variant's table: raw study against BraTS-ready, Dice per study (markdown lines)."""
     import json
 
     import nibabel as nib
@@ -110,13 +121,15 @@ def segment(rows: list[dict], seed: int, work: Path, weights: Path) -> list[str]
     if not ready.is_dir():
         write_dataset(ready, max(r["index"] for r in rows) + 1, seed=seed, layout="brats2021", size="full")
     config = [str(REPO / "bundle" / "configs" / "inference.json")]
-    seg_raw, seg_ready = work / f"seg_raw_{seed}", work / f"seg_ready_{seed}"
-    overrides = [f"ckpt_path={str(weights.resolve())!r}"]
+    tag = "".join(c if c.isalnum() else "_" for c in name)
+    seg_raw, seg_ready = work / f"seg_raw_{seed}_{tag}", work / f"seg_ready_{seed}_{tag}"
     raw_s, _ = run_inference(work / f"prepared_{seed}", seg_raw, config, overrides)
     ready_s, _ = run_inference(ready, seg_ready, config, overrides)
     version = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())["version"]
-    lines = ["", "## Segmentation: prepared raw study against its BraTS-ready version", "",
-             f"The model of `{os.path.relpath(weights.resolve(), REPO)}` (sha256 {file_sha256(weights)[:12]}; bundle {version}, `inference.json`, defaults) "
+    given = dict(o.split("=", 1) for o in overrides)
+    weights = Path(ast.literal_eval(given["ckpt_path"])) if "ckpt_path" in given else REPO / "bundle" / "models" / "model.pt"
+    lines = ["", f"### {name}" + (": " + " ".join(f"`{o}`" for o in overrides) if overrides else ": the bundle as it is"), "",
+             f"The model of `{os.path.relpath(weights.resolve(), REPO)}` (sha256 {file_sha256(weights)[:12]}; bundle {version}, `inference.json`) "
              f"on the {len(rows)} prepared studies ({raw_s:.0f} s in all) and on the "
              f"BraTS-ready cases ({ready_s:.0f} s); raw-study labels carried onto the reference series by nearest neighbour and "
              "scored there against the truth on that grid; BraTS-ready labels scored on the case grid.", "",
@@ -157,8 +170,18 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", nargs="*", default=list(ATLAS_METHODS), choices=METHODS, help="brain-extraction methods to compare")
     ap.add_argument("--bias_correction", action="store_true", help="N4 on every prepared series (prepare_study's option)")
     ap.add_argument("--no_segment", action="store_true", help="skip the segmentation comparison")
-    ap.add_argument("--ckpt_path", type=Path, default=REPO / "bundle" / "models" / "model.pt", help="weights of the segmentation comparison")
+    ap.add_argument("--variant", action="append", nargs="+", metavar="NAME [KEY=VALUE",
+                    help="a name and the bundle overrides of one segmentation pipeline (VALUE a Python literal: ckpt_path='path'); "
+                         "repeat to compare (default: the bundle as it is)")
+    ap.add_argument("--segment_only", action="store_true",
+                    help="only the segmentation comparison, on the studies already prepared in --work_dir (regenerated for their truth)")
     args = ap.parse_args(argv)
+    variants = {v[0]: v[1:] for v in args.variant or [["bundle"]]}
+    for name, overrides in variants.items():
+        if any("=" not in o for o in overrides):
+            ap.error(f"--variant {name}: overrides are KEY=VALUE, got {overrides}")
+    if args.segment_only:
+        return segment_prepared(args, variants, argv)
     t0 = time.perf_counter()
     rows = []
     for i in range(args.studies):
@@ -209,7 +232,29 @@ def main(argv=None) -> int:
         lines.append(f"| `{m}` | " + " | ".join(f"{x:.3f}" for x in d) + f" | {np.mean(d):.3f} | {np.min(d):.3f} | "
                      f"{np.mean([r['brain_s'][m] for r in rows]):.1f} |")
     if not args.no_segment:
-        lines += segment(rows, args.seed, args.work_dir, args.ckpt_path)
+        lines += segment(rows, args.seed, args.work_dir, variants)
+    emit_tables("\n".join(lines) + "\n", args.out)
+    return 0
+
+
+def segment_prepared(args, variants: dict[str, list[str]], argv) -> int:
+    """``--segment_only``: the segmentation comparison on the studies ``main`` prepared before in ``--work_dir``."""
+    from custom.synthetic.raw_study import generate_raw_study
+
+    t0 = time.perf_counter()
+    rows = []
+    for i in range(args.studies):
+        study = generate_raw_study(i, args.seed, args.work_dir / f"raw_{args.seed}_{i:03d}", size="full")  # deterministic: the truth
+        prepared = args.work_dir / f"prepared_{args.seed}" / study.case_id
+        if not (prepared / f"{study.case_id}_preparation.json").is_file():
+            raise SystemExit(f"{prepared}: not prepared; run without --segment_only first (same --work_dir, --seed, --studies)")
+        rows.append({"study": study.case_id, "index": i, "raw": study, "prepared": prepared})
+    command = "python -m benchmarks.preparation " + shlex.join(argv if argv is not None else sys.argv[1:])
+    lines = ["# Segmentation of prepared raw studies against their BraTS-ready versions", "", f"`{command}`  ",
+             f"{dt.datetime.now().isoformat(timespec='seconds')}, {platform.machine()}, load average {load_average()}  ",
+             f"{args.studies} studies of `custom.synthetic.raw_study` seed {args.seed}, prepared before in `{os.path.relpath(args.work_dir, REPO)}`."]
+    lines += segment(rows, args.seed, args.work_dir, variants)
+    lines += ["", f"{(time.perf_counter() - t0) / 60:.1f} min in all (regenerating the studies for their truth included)."]
     emit_tables("\n".join(lines) + "\n", args.out)
     return 0
 
