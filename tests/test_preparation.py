@@ -15,7 +15,7 @@ import pytest
 from custom.data import LAYOUTS, MODALITIES, BraTSDataError
 from custom.preparation import PreparationError, map_from_reference, map_to_reference, output_name, prepare_study, read_series, register_rigid
 from custom.preparation.__main__ import main as cli
-from custom.preparation.brain import auto_method, extract_brain
+from custom.preparation.brain import ATLAS_GUARD_MM, auto_method, extract_brain, near
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.grid import bias_correct, model_grid
 from custom.synthetic import write_dataset
@@ -93,9 +93,23 @@ def test_auto_brain_method_follows_the_reference_resolution():
     assert auto_method(image((0.9, 0.9, 5.0))) == auto_method(image((2.0, 2.0, 2.0))) == "atlas-deformable"
 
 
+def test_the_atlas_guard_reaches_its_distance_in_mm():
+    """``near``: what ``deepbet+atlas`` lets deepbet keep around the atlas' brain (a ball of ATLAS_GUARD_MM, in mm, not voxels)."""
+    mask = np.zeros((24, 24, 24), bool)
+    mask[12, 12, 12] = True
+    for spacing in (1.0, 2.0):
+        ball = near(mask, ATLAS_GUARD_MM, spacing)
+        reach = int(ATLAS_GUARD_MM // spacing)
+        assert ball[12, 12, 12 + reach] and not ball[12, 12, 13 + reach] and ball[12 - reach, 12, 12] and not ball[11 - reach, 12, 12]
+    edge = np.zeros((8, 8, 8), bool)
+    edge[0, 0, 0] = True  # at the array's corner: the crop box stays inside
+    assert near(edge, 2.0, 1.0)[0, 0, 2] and not near(edge, 2.0, 1.0)[0, 2, 1]
+    assert not near(np.zeros((4, 4, 4), bool), 3.0, 1.0).any()
+
+
 def test_deepbet_and_the_atlas_on_a_raw_head(study):
-    """deepbet (its weights from its wheel) finds the brain of the generated head, and ``deepbet+atlas`` keeps what it and
-    the atlas agree on. The test study is coarse (2.5 mm anatomy, 2 mm series): at full size both score 0.96-0.98
+    """deepbet (its weights from its wheel) finds the brain of the generated head, and ``deepbet+atlas`` keeps it where the
+    atlas' brain is near (ATLAS_GUARD_MM). The test study is coarse (2.5 mm anatomy, 2 mm series): at full size both score 0.96-0.98
     (benchmarks/results/preparation.md)."""
     ref = read_series(study.series["t1ce"])
     net, net_affine = deepbet_mask(ref)

@@ -18,7 +18,9 @@ A series that is already skull-stripped (BraTS-ready input, research data) keeps
 :func:`stripped_mask` (the default ``"auto"`` tries it first, then :func:`auto_method`). Methods
 (:data:`METHODS`): ``"skull-stripped"``, ``"atlas-deformable"`` (prior > 0.5 after the B-spline
 step), ``"atlas-affine"`` (after the affine step), ``"atlas+intensity"`` (the affine prior refined by
-2), ``"deepbet"`` (3 on the affine atlas' grid), ``"deepbet+atlas"`` (what both 1 and 3 call brain);
+2), ``"deepbet"`` (3 on the affine atlas' grid), ``"deepbet+atlas"`` (3, less what lies more than
+:data:`ATLAS_GUARD_MM` outside 1: deepbet learnt from real heads, the head model's shells are made up,
+so the atlas only vetoes gross errors such as eyes or neck);
 measured against each other by ``benchmarks/preparation.py``.
 """
 
@@ -48,6 +50,7 @@ BRAIN_TOP_DEPTH_MM = 12.0  # scalp + skull above the top of the brain, for the s
 SHELL_MM = (5.0, 7.0)  # the head model's CSF-and-bone and scalp layers around the template's brain
 BORDER_GROWTH_MM = 20.0  # how far the grid grows past a brain that reaches its border
 BSPLINE_ITERATIONS = 25  # of the coarse deformable step, on 4 mm images
+ATLAS_GUARD_MM = 3.0  # "deepbet+atlas": how far outside the atlas' brain deepbet's brain may reach
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,6 +210,19 @@ def single_threaded():
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
 
 
+def near(mask: np.ndarray, distance_mm: float, spacing: float) -> np.ndarray:
+    """The voxels (bool, ``mask.shape``) at most ``distance_mm`` from ``mask`` (voxels of ``spacing`` mm; the mask included)."""
+    pad = int(np.ceil(distance_mm / spacing)) + 1
+    out = np.zeros_like(mask, dtype=bool)
+    if not mask.any():
+        return out
+    idx = np.argwhere(mask)
+    lo, hi = np.maximum(idx.min(0) - pad, 0), np.minimum(idx.max(0) + pad + 1, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[box] = ndi.distance_transform_edt(~mask[box], sampling=spacing) <= distance_mm
+    return out
+
+
 def _touches_border(mask: np.ndarray) -> bool:
     return bool(mask[[0, -1]].any() or mask[:, [0, -1]].any() or mask[:, :, [0, -1]].any())
 
@@ -290,7 +306,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
         net, net_affine = deepbet_mask(reference)
         mask = resample_to_grid(image_from_array(net.astype(np.uint8), net_affine, np.uint8), grid, label=True) > 0
         if method == "deepbet+atlas":
-            mask &= prior > 0.5
+            mask &= near(prior > 0.5, ATLAS_GUARD_MM, grid.spacing)
     else:
         mask = prior > 0.5
     return {"mask": mask, "grid": grid, "matrix": matrix, "metric": metric, "method": method,
