@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.step_runner import REPO, emit_tables, load_average
+from benchmarks.step_runner import REPO, emit_tables, load_average, variants_from
 
 TARGET_MM, TARGET_DICE, TARGET_S, TARGET_SEG = 1.5, 0.95, 60.0, 0.05
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
@@ -176,10 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--segment_only", action="store_true",
                     help="only the segmentation comparison, on the studies already prepared in --work_dir (regenerated for their truth)")
     args = ap.parse_args(argv)
-    variants = {v[0]: v[1:] for v in args.variant or [["bundle"]]}
-    for name, overrides in variants.items():
-        if any("=" not in o for o in overrides):
-            ap.error(f"--variant {name}: overrides are KEY=VALUE, got {overrides}")
+    variants = variants_from(ap, args.variant)
     if args.segment_only:
         return segment_prepared(args, variants, argv)
     t0 = time.perf_counter()

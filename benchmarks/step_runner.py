@@ -113,3 +113,13 @@ def emit_tables(text: str, out: Path | None, record: dict | None = None) -> None
         if record is not None:
             out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"# tables written to {out}")
+
+
+def variants_from(parser, given: list[list[str]] | None, default: str = "bundle") -> dict[str, list[str]]:
+    """``--variant NAME [KEY=VALUE ...]`` (argparse ``append``, ``nargs="+"``) as {name: overrides}; none given: ``default``
+    with no overrides. A value that is not KEY=VALUE is a usage error."""
+    variants = {v[0]: v[1:] for v in given or [[default]]}
+    for name, overrides in variants.items():
+        if any("=" not in o for o in overrides):
+            parser.error(f"--variant {name}: overrides are KEY=VALUE, got {overrides}")
+    return variants

@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 
 from benchmarks.real_acquisition import dice
 from benchmarks.real_mri import BRATS2015_REGIONS, FILES_2015, PRED_REGIONS, region_masks, run_inference
-from benchmarks.step_runner import emit_tables
+from benchmarks.step_runner import emit_tables, variants_from
 from custom.data import REGIONS
 from custom.synthetic.fields import rotation
 from devtools import REPO
@@ -72,10 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--direction", type=float, nargs=3, default=[10.0, 6.0, 3.0], help="Euler angles' proportion (x y z; default 10 6 3)")
     p.add_argument("--out", type=Path, help="markdown file for the tables (printed anyway); a .json beside it")
     args = p.parse_args(argv)
-    variants = {v[0]: v[1:] for v in args.variant}
-    for name, overrides in variants.items():
-        if any("=" not in o for o in overrides):
-            p.error(f"--variant {name}: overrides are KEY=VALUE, got {overrides}")
+    variants = variants_from(p, args.variant)
     case_dirs = sorted((args.real_dev / "brats2015_flair_t1c").glob("*/"))
     if not case_dirs:
         p.error(f"{args.real_dev}: no brats2015_flair_t1c/<case>/ found")

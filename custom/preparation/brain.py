@@ -212,13 +212,11 @@ def single_threaded():
 
 def near(mask: np.ndarray, distance_mm: float, spacing: float) -> np.ndarray:
     """The voxels (bool, ``mask.shape``) at most ``distance_mm`` from ``mask`` (voxels of ``spacing`` mm; the mask included)."""
-    pad = int(np.ceil(distance_mm / spacing)) + 1
-    out = np.zeros_like(mask, dtype=bool)
+    out = np.zeros(mask.shape, bool)
     if not mask.any():
         return out
-    idx = np.argwhere(mask)
-    lo, hi = np.maximum(idx.min(0) - pad, 0), np.minimum(idx.max(0) + pad + 1, mask.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    pad = int(np.ceil(distance_mm / spacing)) + 1  # the mask's box and the reach around it
+    box = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(ndi.find_objects(mask.astype(np.uint8))[0], mask.shape))
     out[box] = ndi.distance_transform_edt(~mask[box], sampling=spacing) <= distance_mm
     return out
 
