@@ -18,6 +18,8 @@ from custom.preparation.__main__ import main as cli
 from custom.preparation.brain import ATLAS_GUARD_MM, auto_method, extract_brain, near
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.grid import bias_correct, model_grid
+from custom.preparation.studies import PreparedStudies
+from custom.preparation.study import bias_corrected
 from custom.synthetic import write_dataset
 from custom.synthetic.fields import rotation
 from custom.synthetic.raw_study import generate_raw_study
@@ -266,3 +268,22 @@ def test_bias_correction_flattens_a_smooth_field():
     ratio_before = np.log(field[mask])
     ratio_after = np.log(np.maximum(out[mask], 1e-3) / tissue[mask])
     assert ratio_after.std() < 0.5 * ratio_before.std()
+
+
+def test_bias_correction_of_named_sequences(tmp_path):
+    """N4 on the named series only (the bundle's ``--bias_correction t1ce`` or a list); words from a command line."""
+    assert bias_corrected("false", MODALITIES) == [] and bias_corrected("true", MODALITIES) == list(MODALITIES)
+    assert bias_corrected("T1Gd, t1", ["t1ce", "t1", "flair"]) == ["t1ce", "t1"] and bias_corrected(["t2"], ["t1ce", "flair"]) == []
+    with pytest.raises(ValueError, match="unknown sequence 'dwi'"):
+        bias_corrected(["t1ce", "dwi"], MODALITIES)
+    write_dataset(tmp_path / "ready", 1, seed=SEED, layout="brats2021", size="small")
+    series = {s: tmp_path / "ready" / "BraTS2021_00000" / f"BraTS2021_00000_{s}.nii.gz" for s in ("t1ce", "flair")}
+    plain = prepare_study(series, tmp_path / "plain", case_id="C", spacing=SPACING)
+    n4 = prepare_study(series, tmp_path / "n4", case_id="C", spacing=SPACING, bias_correction=["t1ce"])
+    assert plain["bias_correction"] == [] and n4["bias_correction"] == ["t1ce"]
+    read = lambda d, s: np.asarray(nib.load(d / output_name("C", s)).dataobj)  # noqa: E731
+    change = {s: float(np.abs(read(tmp_path / "n4", s) - read(tmp_path / "plain", s)).mean() / np.abs(read(tmp_path / "plain", s)).mean())
+              for s in ("t1ce", "flair")}
+    assert change["t1ce"] > 0.02 and change["flair"] < 1e-4, change  # FLAIR: as without N4 (but for float rounding)
+    with pytest.raises(BraTSDataError, match="unknown sequence 'dwi'"):
+        PreparedStudies(tmp_path / "ready", tmp_path / "studies_out", bias_correction="dwi")

@@ -21,8 +21,8 @@ from typing import Mapping
 from custom.data.batch import CheckedCases, check_cases
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
 from custom.data.errors import BraTSDataError
-from custom.data.vocabulary import describe_sequences, strip_nifti_suffix
-from custom.preparation.study import prepare_study
+from custom.data.vocabulary import MODALITIES, describe_sequences, strip_nifti_suffix
+from custom.preparation.study import bias_corrected, prepare_study
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class PreparedStudies:
     """
 
     def __init__(self, study_dir: str | os.PathLike, prepared_dir: str | os.PathLike, series_rules=None,
-                 bias_correction: bool = False, reference: str | None = None, spacing: float = 1.0) -> None:
+                 bias_correction: bool | list[str] = False, reference: str | None = None, spacing: float = 1.0) -> None:
         self.study_dir, self.prepared_dir = Path(study_dir), Path(prepared_dir)
         if not self.study_dir.is_dir():
             raise BraTSDataError(f"{self.study_dir}: not a folder of studies (expected <study>/<series>.nii.gz)")
@@ -60,6 +60,7 @@ class PreparedStudies:
             raise BraTSDataError(f"{self.study_dir}: no study folder (expected <study>/<series>.nii.gz)")
         try:
             rules = parse_rules(series_rules)
+            bias_corrected(bias_correction, MODALITIES)
         except ValueError as e:
             raise BraTSDataError(str(e)) from e
         self.reports: dict[str, dict] = {}
@@ -68,7 +69,7 @@ class PreparedStudies:
             try:
                 series = study_series(d, rules)
                 report = prepare_study(series, self.prepared_dir / d.name, reference=reference,
-                                       bias_correction=bool(bias_correction), case_id=d.name, spacing=float(spacing))
+                                       bias_correction=bias_correction, case_id=d.name, spacing=float(spacing))
             except (BraTSDataError, SeriesMatchError) as e:
                 self.refused[d.name] = f"study {d.name}: {e}"
                 logger.error("%s (the other studies go on)", self.refused[d.name])

@@ -67,13 +67,36 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise OutputError(f"{path}: cannot be written ({e})") from e
 
 
-def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | None = None, bias_correction: bool = False,
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "none": False, "": False}
+
+
+def bias_corrected(bias_correction, sequences) -> list[str]:
+    """The sequences of ``sequences`` that N4 corrects: all for ``True`` (or ``"true"``, as a command line gives it),
+    none for ``False`` / ``None`` / ``"false"``, else those named in ``bias_correction`` (a list, or one string of
+    comma-separated names of ``MODALITIES`` or aliases; a named sequence the study lacks is skipped).
+    Raises ``ValueError`` for an unknown name."""
+    if isinstance(bias_correction, str) and bias_correction.strip().lower() in BOOL_WORDS:
+        bias_correction = BOOL_WORDS[bias_correction.strip().lower()]
+    if bias_correction is None or isinstance(bias_correction, bool):
+        return list(sequences) if bias_correction else []
+    names = [n.strip() for n in bias_correction.split(",")] if isinstance(bias_correction, str) else list(bias_correction)
+    wanted = set()
+    for name in names:
+        seq = SEQUENCE_ALIASES.get(str(name).lower())
+        if seq is None:
+            raise ValueError(f"bias_correction: unknown sequence {name!r} (expected true, false or names among {', '.join(MODALITIES)})")
+        wanted.add(seq)
+    return [s for s in sequences if s in wanted]
+
+
+def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | None = None, bias_correction: bool | list[str] = False,
                   case_id: str = "case", spacing: float = 1.0, brain_method: str = "auto") -> dict:
     """Prepare one study; returns the report (also written as ``<out_dir>/<case_id>_preparation.json``).
 
     ``series``: sequence name (``t1``, ``t1ce``, ``t2``, ``flair`` or an alias) -> NIfTI path, any grid;
     FLAIR or T2 required. ``reference``: the series the others are registered to (default: T1ce, else
-    FLAIR, else T2). ``spacing``: the model grid's voxel size (mm). Report: per series its file, grid
+    FLAIR, else T2). ``bias_correction``: N4 on every series (``True``) or on the named ones (for example
+    ``["t1", "t1ce"]``). ``spacing``: the model grid's voxel size (mm). Report: per series its file, grid
     and registration (rotation in degrees, translation in mm, mutual information, seconds); the
     reference and the model grid; the brain volume (mL) and method; total seconds.
     Raises :class:`PreparationError` for a study that cannot be prepared.
@@ -93,6 +116,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     except OSError as e:
         raise OutputError(f"{out}: cannot be created ({e})") from e
     order = [reference] + [s for s in MODALITIES if s in paths and s != reference]
+    corrected = bias_corrected(bias_correction, order)
     images, seconds = {}, {}
     for s in order:
         t = time.perf_counter()
@@ -110,7 +134,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     for s in order:
         t = time.perf_counter()
         data = resample_to_grid(images[s], grid, regs[s].matrix)
-        if bias_correction:
+        if s in corrected:
             data = bias_correct(data, mask)
         data = np.where(mask, data, 0).astype(np.float32)
         name = output_name(case_id, s)
@@ -129,7 +153,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
         "grid": grid.to_dict(), "brain": {"mask": mask_name, "volume_ml": round(brain["volume_ml"], 1), "method": brain["method"],
                                           "atlas_mutual_information": None if np.isnan(brain["metric"]) else round(brain["metric"], 4),
                                           "seconds": round(brain["seconds"], 2)},
-        "bias_correction": bool(bias_correction), "series": report_series, "seconds": round(time.perf_counter() - t0, 2),
+        "bias_correction": corrected, "series": report_series, "seconds": round(time.perf_counter() - t0, 2),
     }
     (out / f"{case_id}_preparation.json").write_text(json.dumps(report, indent=1))
     return report
