@@ -52,7 +52,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def run_study(i: int, seed: int, work: Path, methods: list[str], default: str, bias_correction: bool = False) -> dict:
+def run_study(i: int, seed: int, work: Path, methods: list[str], default: str, bias_correction: bool | list[str]) -> dict:
     import nibabel as nib
 
     from custom.preparation import extract_brain, prepare_study, read_series
@@ -158,8 +158,20 @@ def describe(acq: dict) -> str:
     return f"{acq['orientation'][:3]} {v[0]:g}x{v[1]:g}x{v[2]:g}"
 
 
+def n4_words(bias_correction) -> str:
+    """What N4 corrected, in words: ``no N4``, ``N4 bias-field correction`` (every series) or ``N4 on T1, T1ce``."""
+    from custom.data.vocabulary import MODALITIES, describe_sequences
+    from custom.preparation.study import bias_corrected
+
+    corrected = bias_corrected(bias_correction, MODALITIES)
+    if len(corrected) == len(MODALITIES):
+        return "N4 bias-field correction"
+    return f"N4 on {describe_sequences(corrected)}" if corrected else "no N4"
+
+
 def main(argv=None) -> int:
     from custom.preparation.brain import ATLAS_METHODS, METHODS
+    from custom.preparation.study import N4_SEQUENCES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="markdown file for the tables (printed anyway)")
@@ -168,7 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="auto", choices=METHODS, help="brain extraction of the timed preparation")
     ap.add_argument("--compare", nargs="*", default=list(ATLAS_METHODS), choices=METHODS, help="brain-extraction methods to compare")
-    ap.add_argument("--bias_correction", action="store_true", help="N4 on every prepared series (prepare_study's option)")
+    ap.add_argument("--bias_correction", nargs="*", metavar="SEQ",
+                    help="N4 on the series named (none: no N4), or on every series with no name (default: prepare_study's, T1 and T1ce)")
     ap.add_argument("--no_segment", action="store_true", help="skip the segmentation comparison")
     ap.add_argument("--variant", action="append", nargs="+", metavar="NAME [KEY=VALUE",
                     help="a name and the bundle overrides of one segmentation pipeline (VALUE a Python literal: ckpt_path='path'); "
@@ -177,6 +190,7 @@ def main(argv=None) -> int:
                     help="only the segmentation comparison, on the studies already prepared in --work_dir (regenerated for their truth)")
     args = ap.parse_args(argv)
     variants = variants_from(ap, args.variant)
+    args.bias_correction = N4_SEQUENCES if args.bias_correction is None else (args.bias_correction or True)
     if args.segment_only:
         return segment_prepared(args, variants, argv)
     t0 = time.perf_counter()
@@ -195,7 +209,7 @@ def main(argv=None) -> int:
         f"{(time.perf_counter() - t0) / 60:.1f} min (preparation)  ",
         f"{args.studies} studies of `custom.synthetic.raw_study` seed {args.seed} (full-size cases, series on their own grids, "
         f"poses up to 10 degrees / 10 mm); `prepare_study` with brain method `{args.method}`, 1 mm grid, "
-        f"{'N4 bias-field correction' if args.bias_correction else 'no N4'}.  ",
+        f"{n4_words(args.bias_correction)}.  ",
         f"Targets: registration error <= {TARGET_MM} mm, brain-mask Dice >= {TARGET_DICE}, <= {TARGET_S:g} s a study.", "",
         "## Registration error (mm) and preparation", "",
         "| study | reference | T1 | T2 | FLAIR | worst (mm) | brain Dice | brain mL (truth) | preparation (s) |",

@@ -7,6 +7,7 @@ One small study (the generator's 2.5 mm case, series at twice the clinical voxel
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -19,12 +20,13 @@ from custom.preparation.brain import ATLAS_GUARD_MM, auto_method, extract_brain,
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.grid import bias_correct, model_grid
 from custom.preparation.studies import PreparedStudies
-from custom.preparation.study import bias_corrected
+from custom.preparation.study import N4_SEQUENCES, bias_corrected
 from custom.synthetic import write_dataset
 from custom.synthetic.fields import rotation
 from custom.synthetic.raw_study import generate_raw_study
 
 SEED, INDEX, SPACING = 5, 1, 2.0
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -271,15 +273,16 @@ def test_bias_correction_flattens_a_smooth_field():
 
 
 def test_bias_correction_of_named_sequences(tmp_path):
-    """N4 on the named series only (the bundle's ``--bias_correction t1ce`` or a list); words from a command line."""
+    """N4 on the named series only (by default T1 and T1ce, as in ``clinical.json``); words from a command line."""
+    assert json.loads((REPO_CONFIGS / "clinical.json").read_text())["bias_correction"] == list(N4_SEQUENCES)
     assert bias_corrected("false", MODALITIES) == [] and bias_corrected("true", MODALITIES) == list(MODALITIES)
     assert bias_corrected("T1Gd, t1", ["t1ce", "t1", "flair"]) == ["t1ce", "t1"] and bias_corrected(["t2"], ["t1ce", "flair"]) == []
     with pytest.raises(ValueError, match="unknown sequence 'dwi'"):
         bias_corrected(["t1ce", "dwi"], MODALITIES)
     write_dataset(tmp_path / "ready", 1, seed=SEED, layout="brats2021", size="small")
     series = {s: tmp_path / "ready" / "BraTS2021_00000" / f"BraTS2021_00000_{s}.nii.gz" for s in ("t1ce", "flair")}
-    plain = prepare_study(series, tmp_path / "plain", case_id="C", spacing=SPACING)
-    n4 = prepare_study(series, tmp_path / "n4", case_id="C", spacing=SPACING, bias_correction=["t1ce"])
+    plain = prepare_study(series, tmp_path / "plain", case_id="C", spacing=SPACING, bias_correction="false")
+    n4 = prepare_study(series, tmp_path / "n4", case_id="C", spacing=SPACING)  # the default: T1 and T1ce
     assert plain["bias_correction"] == [] and n4["bias_correction"] == ["t1ce"]
     read = lambda d, s: np.asarray(nib.load(d / output_name("C", s)).dataobj)  # noqa: E731
     change = {s: float(np.abs(read(tmp_path / "n4", s) - read(tmp_path / "plain", s)).mean() / np.abs(read(tmp_path / "plain", s)).mean())

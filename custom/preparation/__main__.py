@@ -9,7 +9,7 @@ import sys
 from custom.data.errors import install_excepthook
 from custom.preparation.brain import METHODS
 from custom.preparation.mapping import map_to_reference
-from custom.preparation.study import prepare_study
+from custom.preparation.study import N4_SEQUENCES, prepare_study
 
 
 def main(argv=None) -> int:
@@ -18,8 +18,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder (or, with --map, the output label file)")
     ap.add_argument("--case", default="case", help="case id of the output files")
     ap.add_argument("--reference", help="reference series (default: t1ce, else flair, else t2)")
-    ap.add_argument("--bias-correction", nargs="*", metavar="SEQ", help="N4 bias-field correction of every prepared sequence, "
-                    "or of those named (for example t1 t1ce)")
+    ap.add_argument("--bias-correction", nargs="*", metavar="SEQ", help="N4 bias-field correction of the series named (default: "
+                    f"{' '.join(N4_SEQUENCES)}), of every series (no name) or of none (none)")
     ap.add_argument("--spacing", type=float, default=1.0, help="model grid voxel size, mm")
     ap.add_argument("--brain-method", choices=METHODS, default="auto")
     ap.add_argument("--map", metavar="LABEL", help="instead: map LABEL (on the prepared grid) back onto the reference grid; "
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             ap.error(f"--series {item!r}: expected SEQ=PATH")
         k, v = item.split("=", 1)
         series[k] = v
-    bias_correction = False if args.bias_correction is None else (args.bias_correction or True)
+    bias_correction = N4_SEQUENCES if args.bias_correction is None else (args.bias_correction or True)
     report = prepare_study(series, args.out, args.reference, bias_correction, args.case, args.spacing, args.brain_method)
     print(json.dumps({"case_id": report["case_id"], "reference": report["reference"]["sequence"], "brain_ml": report["brain"]["volume_ml"],
                       "seconds": report["seconds"], "mutual_information": {s: r["registration"]["mutual_information"] for s, r in report["series"].items()}}))

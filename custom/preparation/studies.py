@@ -22,7 +22,7 @@ from custom.data.batch import CheckedCases, check_cases
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
 from custom.data.errors import BraTSDataError
 from custom.data.vocabulary import MODALITIES, describe_sequences, strip_nifti_suffix
-from custom.preparation.study import bias_corrected, prepare_study
+from custom.preparation.study import N4_SEQUENCES, bias_corrected, prepare_study
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class PreparedStudies:
     """
 
     def __init__(self, study_dir: str | os.PathLike, prepared_dir: str | os.PathLike, series_rules=None,
-                 bias_correction: bool | list[str] = False, reference: str | None = None, spacing: float = 1.0) -> None:
+                 bias_correction: bool | list[str] = N4_SEQUENCES, reference: str | None = None, spacing: float = 1.0) -> None:
         self.study_dir, self.prepared_dir = Path(study_dir), Path(prepared_dir)
         if not self.study_dir.is_dir():
             raise BraTSDataError(f"{self.study_dir}: not a folder of studies (expected <study>/<series>.nii.gz)")

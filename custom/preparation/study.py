@@ -4,7 +4,7 @@ Reads every series (:mod:`~custom.preparation.series`), extracts the brain on th
 (T1ce if present, else FLAIR, else T2; :mod:`~custom.preparation.brain`), which also places the model
 grid (:mod:`~custom.preparation.grid`), registers every other series rigidly onto the reference
 (:mod:`~custom.preparation.registration`), resamples all onto the grid with 0 outside the brain
-(N4 optional) and writes ``<case>_<seq>.nii.gz`` (BraTS 2021 naming), ``<case>_brainmask.nii.gz`` and
+(N4 on T1 and T1ce by default) and writes ``<case>_<seq>.nii.gz`` (BraTS 2021 naming), ``<case>_brainmask.nii.gz`` and
 ``<case>_preparation.json``.
 """
 
@@ -67,6 +67,9 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise OutputError(f"{path}: cannot be written ({e})") from e
 
 
+N4_SEQUENCES = ("t1", "t1ce")
+"""The series N4 corrects by default: the T1-weighted ones. On FLAIR and T2, N4 takes part of a large oedema's
+brightness for bias (``benchmarks/results/real_acquisition_n4_t1.md``)."""
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "none": False, "": False}
 
 
@@ -75,13 +78,14 @@ def bias_corrected(bias_correction, sequences) -> list[str]:
     none for ``False`` / ``None`` / ``"false"``, else those named in ``bias_correction`` (a list, or one string of
     comma-separated names of ``MODALITIES`` or aliases; a named sequence the study lacks is skipped).
     Raises ``ValueError`` for an unknown name."""
-    if isinstance(bias_correction, str) and bias_correction.strip().lower() in BOOL_WORDS:
-        bias_correction = BOOL_WORDS[bias_correction.strip().lower()]
+    if isinstance(bias_correction, str):
+        bias_correction = [n.strip() for n in bias_correction.split(",")]
+    if isinstance(bias_correction, (list, tuple)) and len(bias_correction) == 1 and str(bias_correction[0]).lower() in BOOL_WORDS:
+        bias_correction = BOOL_WORDS[str(bias_correction[0]).lower()]
     if bias_correction is None or isinstance(bias_correction, bool):
         return list(sequences) if bias_correction else []
-    names = [n.strip() for n in bias_correction.split(",")] if isinstance(bias_correction, str) else list(bias_correction)
     wanted = set()
-    for name in names:
+    for name in bias_correction:
         seq = SEQUENCE_ALIASES.get(str(name).lower())
         if seq is None:
             raise ValueError(f"bias_correction: unknown sequence {name!r} (expected true, false or names among {', '.join(MODALITIES)})")
@@ -89,14 +93,14 @@ def bias_corrected(bias_correction, sequences) -> list[str]:
     return [s for s in sequences if s in wanted]
 
 
-def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | None = None, bias_correction: bool | list[str] = False,
+def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | None = None, bias_correction: bool | list[str] = N4_SEQUENCES,
                   case_id: str = "case", spacing: float = 1.0, brain_method: str = "auto") -> dict:
     """Prepare one study; returns the report (also written as ``<out_dir>/<case_id>_preparation.json``).
 
     ``series``: sequence name (``t1``, ``t1ce``, ``t2``, ``flair`` or an alias) -> NIfTI path, any grid;
     FLAIR or T2 required. ``reference``: the series the others are registered to (default: T1ce, else
-    FLAIR, else T2). ``bias_correction``: N4 on every series (``True``) or on the named ones (for example
-    ``["t1", "t1ce"]``). ``spacing``: the model grid's voxel size (mm). Report: per series its file, grid
+    FLAIR, else T2). ``bias_correction``: N4 on the named series (default :data:`N4_SEQUENCES`), on every
+    series (``True``) or on none (``False``). ``spacing``: the model grid's voxel size (mm). Report: per series its file, grid
     and registration (rotation in degrees, translation in mm, mutual information, seconds); the
     reference and the model grid; the brain volume (mL) and method; total seconds.
     Raises :class:`PreparationError` for a study that cannot be prepared.
