@@ -171,7 +171,7 @@ def n4_words(bias_correction) -> str:
 
 def main(argv=None) -> int:
     from custom.preparation.brain import ATLAS_METHODS, METHODS
-    from custom.preparation.study import N4_SEQUENCES
+    from custom.preparation.study import bias_correction_option
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="markdown file for the tables (printed anyway)")
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                     help="only the segmentation comparison, on the studies already prepared in --work_dir (regenerated for their truth)")
     args = ap.parse_args(argv)
     variants = variants_from(ap, args.variant)
-    args.bias_correction = N4_SEQUENCES if args.bias_correction is None else (args.bias_correction or True)
+    args.bias_correction = bias_correction_option(args.bias_correction)
     if args.segment_only:
         return segment_prepared(args, variants, argv)
     t0 = time.perf_counter()

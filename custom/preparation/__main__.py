@@ -9,7 +9,7 @@ import sys
 from custom.data.errors import install_excepthook
 from custom.preparation.brain import METHODS
 from custom.preparation.mapping import map_to_reference
-from custom.preparation.study import N4_SEQUENCES, prepare_study
+from custom.preparation.study import N4_SEQUENCES, bias_correction_option, prepare_study
 
 
 def main(argv=None) -> int:
@@ -38,8 +38,7 @@ def main(argv=None) -> int:
             ap.error(f"--series {item!r}: expected SEQ=PATH")
         k, v = item.split("=", 1)
         series[k] = v
-    bias_correction = N4_SEQUENCES if args.bias_correction is None else (args.bias_correction or True)
-    report = prepare_study(series, args.out, args.reference, bias_correction, args.case, args.spacing, args.brain_method)
+    report = prepare_study(series, args.out, args.reference, bias_correction_option(args.bias_correction), args.case, args.spacing, args.brain_method)
     print(json.dumps({"case_id": report["case_id"], "reference": report["reference"]["sequence"], "brain_ml": report["brain"]["volume_ml"],
                       "seconds": report["seconds"], "mutual_information": {s: r["registration"]["mutual_information"] for s, r in report["series"].items()}}))
     return 0

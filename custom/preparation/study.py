@@ -73,6 +73,12 @@ brightness for bias (``benchmarks/results/real_acquisition_n4_t1.md``)."""
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "none": False, "": False}
 
 
+def bias_correction_option(names: list[str] | None):
+    """A command line's ``--bias-correction [SEQ ...]`` (argparse ``nargs="*"``) as ``prepare_study``'s
+    ``bias_correction``: not given -> :data:`N4_SEQUENCES`, given with no name -> every series, else the names."""
+    return N4_SEQUENCES if names is None else (names or True)
+
+
 def bias_corrected(bias_correction, sequences) -> list[str]:
     """The sequences of ``sequences`` that N4 corrects: all for ``True`` (or ``"true"``, as a command line gives it),
     none for ``False`` / ``None`` / ``"false"``, else those named in ``bias_correction`` (a list, or one string of

@@ -313,7 +313,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         key = {m: [study.series[m]["SeriesInstanceUID"], os.path.getmtime(p)] for m, p in paths.items()}
         key["spacing_mm"] = self.prepared_spacing
         key["reference"] = default_reference(paths)
-        key["bias_correction"] = list(N4_SEQUENCES)  # a preparation cached before N4 became the default is redone
+        key["bias_correction"] = list(N4_SEQUENCES)  # in the key: a preparation cached with other settings is redone
         with self._lock_for(f"prepared:{study.image_id}"):
             report_file = os.path.join(folder, "preparation.json")
             if os.path.exists(report_file):
@@ -326,7 +326,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
                         f"results on {SEQUENCE_NAMES[study.display]}")
             tmp = f"{folder}.{uuid.uuid4().hex}.tmp"
             try:
-                report = prepare_study(paths, tmp, reference=key["reference"], case_id="study", spacing=self.prepared_spacing)
+                report = prepare_study(paths, tmp, reference=key["reference"], bias_correction=key["bias_correction"], case_id="study",
+                                       spacing=self.prepared_spacing)
                 pathlib.Path(tmp, "preparation.json").write_text(json.dumps({"key": key, "report": report}))
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
