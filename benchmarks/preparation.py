@@ -131,7 +131,7 @@ def segment_variant(rows: list[dict], seed: int, work: Path, name: str, override
     lines = ["", f"### {name}" + (": " + " ".join(f"`{o}`" for o in overrides) if overrides else ": the bundle as it is"), "",
              f"The model of `{os.path.relpath(weights.resolve(), REPO)}` (sha256 {file_sha256(weights)[:12]}; bundle {version}, `inference.json`) "
              f"on the {len(rows)} prepared studies ({raw_s:.0f} s in all) and on the "
-             f"BraTS-ready cases ({ready_s:.0f} s); raw-study labels carried onto the reference series by nearest neighbour and "
+             f"BraTS-ready cases ({ready_s:.0f} s); raw-study labels carried onto the reference series (`map_to_reference`) and "
              "scored there against the truth on that grid; BraTS-ready labels scored on the case grid.", "",
              "| study | raw TC / WT / ET | raw mean | BraTS-ready TC / WT / ET | ready mean | difference |", "|---|---|---|---|---|---|"]
     diffs = []

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 class MapToReference:
     """Ignite handler: after every iteration, each new ``<prediction_dir>/<study>.nii.gz`` (a label map
-    on the prepared 1 mm grid) is resampled by nearest neighbour onto the study's reference series
+    on the prepared 1 mm grid) is resampled label by label (``resample_labels``) onto the study's reference series
     (its shape and affine) and written atomically as ``<output_dir>/<study>.nii.gz``."""
 
     def __init__(self, studies: PreparedStudies, prediction_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:

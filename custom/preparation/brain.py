@@ -37,7 +37,7 @@ from scipy import ndimage as ndi
 
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.errors import PreparationError
-from custom.preparation.grid import ModelGrid, resample_to_grid, upright_rotation
+from custom.preparation.grid import ModelGrid, lattice_rotation, resample_to_grid, upright_rotation
 from custom.preparation.registration import SEED, head_points, otsu_threshold, transform_matrix, working_image
 from custom.preparation.series import RAS_TO_LPS, image_affine, image_from_array
 
@@ -257,7 +257,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
 
     ``grid_for(points_ras, rotation)`` makes the model grid around the brain's points (N, 3; RAS mm),
     its axes those of the head (``rotation``: reference world -> the atlas' axes) when the atlas was
-    registered, else (None) the scanner's.
+    registered, else the reference's own (:func:`~custom.preparation.grid.lattice_rotation`; None: the scanner's).
     ``method`` ``"auto"``: the series' own brain if it is skull-stripped (:func:`stripped_mask`), else
     :func:`auto_method`; ``"skull-stripped"`` raises ``PreparationError`` if it is not.
     """
@@ -270,7 +270,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
             aff = image_affine(reference)
             pts = np.argwhere(own)
             world = pts @ aff[:3, :3].T + aff[:3, 3]
-            grid = grid_for(world, None)
+            grid = grid_for(world, lattice_rotation(aff))
             own_img = image_from_array(own.astype(np.uint8), aff, np.uint8)
             mask = resample_to_grid(own_img, grid, label=True) > 0
             return {"mask": mask, "grid": grid, "matrix": np.eye(4), "metric": float("nan"), "method": "skull-stripped",

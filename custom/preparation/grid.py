@@ -2,8 +2,10 @@
 
 :func:`model_grid`: voxel axes pointing to L, P, S (as the BraTS files) of the head when its
 orientation is known (the atlas registration's rotation: the head upright, as in BraTS, whatever its
-tilt in the scanner), else of the scanner; ``spacing`` mm isotropic (1), 240 x 240 x 155 mm centred
-on the brain (more if the brain does not fit). :func:`resample_to_grid`
+tilt in the scanner), else those of the reference series (:func:`lattice_rotation`); ``spacing`` mm
+isotropic (1), 240 x 240 x 155 mm centred on the brain (more if the brain does not fit), its voxel centres
+on the reference's where the axes are parallel (the reference then needs no interpolation, labels go back
+exactly). :func:`resample_to_grid`
 brings a series onto it through its registration; :func:`bias_correct` is SimpleITK's N4 on a
 shrunken copy, its field applied at full resolution.
 """
@@ -50,11 +52,28 @@ def upright_rotation(matrix: np.ndarray) -> np.ndarray:
     return r
 
 
+def lattice_rotation(affine: np.ndarray) -> np.ndarray | None:
+    """The ``rotation`` (3, 3) for :func:`model_grid` whose grid axes are the voxel axes of ``affine`` (4, 4; voxel ->
+    RAS mm, e.g. an oblique series), each along the one of L, P, S it is closest to. None where those axes are not
+    orthogonal (a sheared series) or two are closest to the same world axis."""
+    lin = np.asarray(affine, float)[:3, :3]
+    units = lin / np.linalg.norm(lin, axis=0)
+    world_axis = np.argmax(np.abs(units), axis=0)
+    if np.abs(units.T @ units - np.eye(3)).max() > 1e-4 or len(set(world_axis.tolist())) < 3:
+        return None
+    axes = np.zeros((3, 3))  # columns: the directions taken as R, A, S
+    for j, w in enumerate(world_axis):
+        axes[:, w] = units[:, j] * np.sign(units[w, j])
+    return axes.T if np.linalg.det(axes) > 0 else None
+
+
 def model_grid(points_ras: np.ndarray, spacing: float = 1.0, rotation: np.ndarray | None = None,
-               fov_mm=BRATS_FOV_MM, margin_mm: float = 5.0) -> ModelGrid:
+               fov_mm=BRATS_FOV_MM, margin_mm: float = 5.0, lattice: np.ndarray | None = None) -> ModelGrid:
     """The BraTS-like grid around ``points_ras`` (N, 3; RAS mm of the brain, e.g. its mask's voxels):
     ``fov_mm`` wide, or their extent plus ``margin_mm`` on each side where that is wider. ``rotation``
-    (3, 3): world -> head axes (``upright_rotation``); the grid's axes then follow the head's."""
+    (3, 3): world -> head axes (``upright_rotation``); the grid's axes then follow the head's. ``lattice``
+    (4, 4; voxel -> RAS mm of the reference series): where every grid axis is parallel to one of its axes,
+    the grid moves (less than half a lattice voxel per axis) to put its voxel centres on the lattice's."""
     r = np.eye(3) if rotation is None else np.asarray(rotation, float)
     frame = np.asarray(points_ras, float) @ r.T
     lo, hi = frame.min(0), frame.max(0)
@@ -64,6 +83,11 @@ def model_grid(points_ras: np.ndarray, spacing: float = 1.0, rotation: np.ndarra
     aff = np.eye(4)
     aff[:3, :3] = r.T @ lin
     aff[:3, 3] = r.T @ ((lo + hi) / 2.0 - lin @ ((np.array(shape) - 1) / 2.0))
+    if lattice is not None:
+        to_lattice = np.linalg.inv(np.asarray(lattice, float)) @ aff  # grid voxel -> lattice voxel
+        lin_l = np.abs(to_lattice[:3, :3])
+        if ((lin_l > 1e-6 * lin_l.max()).sum(0) == 1).all():
+            aff[:3, 3] = (np.asarray(lattice, float) @ np.append(np.rint(to_lattice[:3, 3]), 1.0))[:3]
     return ModelGrid(shape, aff)
 
 
@@ -86,14 +110,18 @@ def resample_to_grid(img: sitk.Image, grid: ModelGrid, matrix_ras: np.ndarray | 
     return image_to_array(out)
 
 
-def bias_correct(data: np.ndarray, mask: np.ndarray, shrink: int = 4, iterations: int = 30) -> np.ndarray:
+N4_LEVELS = 3
+"""N4's fitting levels (each doubles the B-spline mesh): a fourth follows a large oedema's brightness as if it were bias."""
+
+
+def bias_correct(data: np.ndarray, mask: np.ndarray, shrink: int = 4, iterations: int = 30, levels: int = N4_LEVELS) -> np.ndarray:
     """N4 bias-field correction of ``data`` (I, J, K) inside ``mask``: fitted on a copy shrunk
-    ``shrink`` times per axis (4 levels of ``iterations``), the field applied at full resolution."""
+    ``shrink`` times per axis (``levels`` levels of ``iterations``), the field applied at full resolution."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(np.maximum(data, 0).astype(np.float32) + 1e-3, (2, 1, 0))))
     msk = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask.astype(np.uint8), (2, 1, 0))))
     small, small_mask = sitk.Shrink(img, [shrink] * 3), sitk.Shrink(msk, [shrink] * 3)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations([iterations] * 4)
+    n4.SetMaximumNumberOfIterations([iterations] * levels)
     n4.Execute(small, small_mask)
     log_field = n4.GetLogBiasFieldAsImage(img)
     field = np.transpose(sitk.GetArrayFromImage(log_field), (2, 1, 0))

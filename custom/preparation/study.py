@@ -4,7 +4,7 @@ Reads every series (:mod:`~custom.preparation.series`), extracts the brain on th
 (T1ce if present, else FLAIR, else T2; :mod:`~custom.preparation.brain`), which also places the model
 grid (:mod:`~custom.preparation.grid`), registers every other series rigidly onto the reference
 (:mod:`~custom.preparation.registration`), resamples all onto the grid with 0 outside the brain
-(N4 on T1 and T1ce by default) and writes ``<case>_<seq>.nii.gz`` (BraTS 2021 naming), ``<case>_brainmask.nii.gz`` and
+(N4 on T1, T1ce and T2 by default) and writes ``<case>_<seq>.nii.gz`` (BraTS 2021 naming), ``<case>_brainmask.nii.gz`` and
 ``<case>_preparation.json``.
 """
 
@@ -24,7 +24,7 @@ from custom.preparation.brain import METHODS, extract_brain
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import bias_correct, model_grid, resample_to_grid
 from custom.preparation.registration import identity, register_rigid, working_image
-from custom.preparation.series import read_series
+from custom.preparation.series import image_affine, read_series
 
 REFERENCE_ORDER = ("t1ce", "flair", "t2")
 """The reference series: the first of these in the study."""
@@ -67,9 +67,12 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise OutputError(f"{path}: cannot be written ({e})") from e
 
 
-N4_SEQUENCES = ("t1", "t1ce")
-"""The series N4 corrects by default: the T1-weighted ones. On FLAIR and T2, N4 takes part of a large oedema's
-brightness for bias (``benchmarks/results/real_acquisition_n4_t1.md``)."""
+REVISION = 2
+"""Raised whenever ``prepare_study`` writes something else for the same input (2: the grid on the reference's voxel
+lattice, N4 in 3 levels and on the T2 too); in the report, and in the DICOMweb datastore's cache key."""
+N4_SEQUENCES = ("t1", "t1ce", "t2")
+"""The series N4 corrects by default: all but the FLAIR, on which N4 takes part of a large oedema's brightness for
+bias (``benchmarks/results/real_acquisition_n4.md``, ``preparation_n4_3_levels.md``)."""
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "none": False, "": False}
 
 
@@ -133,7 +136,8 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
         images[s] = read_series(paths[s], describe_sequences([s]))
         seconds[s] = time.perf_counter() - t
     ref_work = working_image(images[reference])
-    brain = extract_brain(images[reference], lambda points, rotation: model_grid(points, spacing, rotation), brain_method, ref_work)
+    lattice = image_affine(images[reference])
+    brain = extract_brain(images[reference], lambda points, rotation: model_grid(points, spacing, rotation, lattice=lattice), brain_method, ref_work)
     grid, mask = brain["grid"], brain["mask"]
     if not mask.any():
         raise PreparationError(f"{describe_sequences([reference])} series: no brain found")
@@ -158,7 +162,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     mask_name = f"{case_id}{LAYOUT.separator}brainmask.nii.gz"
     _save(mask.astype(np.uint8), grid.affine, out / mask_name)
     report = {
-        "case_id": case_id, "sequences": order,
+        "case_id": case_id, "revision": REVISION, "sequences": order,
         "reference": {"sequence": reference, **{k: report_series[reference][k] for k in ("source", "shape", "voxel_mm", "axes", "affine_ras")}},
         "grid": grid.to_dict(), "brain": {"mask": mask_name, "volume_ml": round(brain["volume_ml"], 1), "method": brain["method"],
                                           "atlas_mutual_information": None if np.isnan(brain["metric"]) else round(brain["metric"], 4),

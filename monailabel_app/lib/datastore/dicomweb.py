@@ -30,7 +30,7 @@ series one image; a BraTS network needs the four co-registered modalities of a s
   from the scanner: own orientation, voxel size, pose; skull present) are prepared first
   (``custom.preparation.prepare_study``: rigid mutual-information registration onto the reference
   series, T1ce, else FLAIR, else T2, brain extraction on it, a grid of ``--conf
-  dicomweb_prepared_spacing`` mm, default 1, N4 on T1 and T1ce), cached in ``prepared/<image id>/``; the inference
+  dicomweb_prepared_spacing`` mm, default 1, N4 on T1, T1ce and T2), cached in ``prepared/<image id>/``; the inference
   result is carried back onto the display series' grid through the display series' registration
   (``result_on_image``) before it is returned or stored, and training gets the final labels carried
   onto the prepared grid. HTTP 422 when a study cannot be prepared (the message names the step).
@@ -83,7 +83,7 @@ from pydicom.dataset import Dataset
 from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, Layout
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
 from custom.preparation import PreparationError, default_reference, map_from_reference, map_to_reference, prepare_study
-from custom.preparation.study import N4_SEQUENCES
+from custom.preparation.study import N4_SEQUENCES, REVISION
 from lib.datastore.brats import check_label_file
 
 logger = logging.getLogger(__name__)
@@ -314,6 +314,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         key["spacing_mm"] = self.prepared_spacing
         key["reference"] = default_reference(paths)
         key["bias_correction"] = list(N4_SEQUENCES)  # in the key: a preparation cached with other settings is redone
+        key["revision"] = REVISION
         with self._lock_for(f"prepared:{study.image_id}"):
             report_file = os.path.join(folder, "preparation.json")
             if os.path.exists(report_file):
@@ -344,8 +345,8 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
 
     def result_on_image(self, image_id: str, result_file: str, continuous: bool = False) -> str:
         """An inference result on the model input's grid as a file on the image's (display series') grid:
-        ``result_file`` itself when the study needed no preparation, else resampled (labels by nearest
-        neighbour, ``continuous`` maps such as uncertainty trilinearly) into a new file beside it."""
+        ``result_file`` itself when the study needed no preparation, else resampled (labels label by label,
+        ``continuous`` maps such as uncertainty trilinearly) into a new file beside it."""
         report = self.prepared_study(image_id)
         if report is None:
             return result_file
