@@ -82,10 +82,19 @@ class RawStudy:
     def truth_on_grid(self, shape, affine: np.ndarray, reference: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(brain, label)`` on a grid of ``shape`` with voxel -> reference-world ``affine``: brain
         mask by linear interpolation (>= 0.5), label by nearest neighbour."""
-        m = np.linalg.inv(self.affine) @ np.linalg.inv(self.poses[reference or self.reference]) @ np.asarray(affine, float)
+        m = self._case_from_grid(affine, reference)
         brain = ndi.affine_transform(self.brain.astype(np.float32), m[:3, :3], m[:3, 3], tuple(shape), order=1, cval=0.0)
-        label = ndi.affine_transform(self.label, m[:3, :3], m[:3, 3], tuple(shape), order=0, cval=0)
-        return brain >= 0.5, label
+        return brain >= 0.5, self.label_on_grid(self.label, shape, affine, reference)
+
+    def label_on_grid(self, label: np.ndarray, shape, affine: np.ndarray, reference: str | None = None) -> np.ndarray:
+        """``label`` ``(H, W, D)`` on the case grid (the truth, or a prediction on the BraTS-ready case) by
+        nearest neighbour onto a grid of ``shape`` with voxel -> reference-world ``affine``, through the true pose."""
+        m = self._case_from_grid(affine, reference)
+        return ndi.affine_transform(np.asarray(label), m[:3, :3], m[:3, 3], tuple(shape), order=0, cval=0)
+
+    def _case_from_grid(self, affine: np.ndarray, reference: str | None) -> np.ndarray:
+        """4x4 map from a grid's voxels (voxel -> reference-world ``affine``) to the case grid's voxels."""
+        return np.linalg.inv(self.affine) @ np.linalg.inv(self.poses[reference or self.reference]) @ np.asarray(affine, float)
 
 
 def _class_means(img: np.ndarray, maps: dict, sel: np.ndarray) -> np.ndarray:
