@@ -2,13 +2,16 @@
 
 A generated raw study (custom.synthetic.raw_study: a head, every series on its own grid and pose,
 clinical file names) and one study without FLAIR or T2 go through ``python -m monai.bundle run
-inference`` with the shipped model. The labels must lie on each study's reference series (T1ce) and
-agree with the labels of the BraTS-ready version of the same case carried onto that series through
-the generator's true poses; the study that cannot be used is named, and the others are still written.
+inference`` with the shipped model. The study folder also holds what a scanner's export does: a
+coarser reformat of the T1ce, a T2* and a diffusion series, none of which may be used. The labels
+must lie on each study's reference series (T1ce) and agree with the labels of the BraTS-ready
+version of the same case carried onto that series through the generator's true poses; the study
+that cannot be used is named, and the others are still written.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,14 @@ from devtools import REPO
 
 SEED, SIZE = 5, "small"
 CLINICAL_NAMES = {"t1": "T1_MPRAGE", "t1ce": "3D_T1_POST_GD", "t2": "AX_T2_TSE", "flair": "T2_FLAIR_SAG"}
+
+
+def _reformat(src: Path, dst: Path, step: int = 2) -> None:
+    """A coarser reformat of ``src`` (every ``step``-th voxel), as a scanner's MPR series."""
+    img = nib.load(src)
+    aff = img.affine.copy()
+    aff[:3, :3] *= step
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::step, ::step, ::step], aff), dst)
 
 
 def _bundle_inference(dataset: Path, out: Path, configs: list[str], *extra: str) -> subprocess.CompletedProcess:
@@ -48,6 +59,9 @@ def clinical_run(tmp_path_factory):
         d.mkdir(parents=True)
         for seq, path in raw.series.items():
             (d / f"{CLINICAL_NAMES[seq]}.nii.gz").symlink_to(path)
+        _reformat(raw.series["t1ce"], d / "COR_T1_POST_GD_MPR.nii.gz")  # a second T1ce, smaller: passed over
+        (d / "AX_T2_STAR_GRE.nii.gz").symlink_to(raw.series["t2"])  # T2*: as large as the T2, so a T2 rule taking it fails
+        (d / "DWI_b1000.nii.gz").symlink_to(raw.series["flair"])
         studies[d.name] = raw
     bad = root / "studies" / "T1ONLY"
     bad.mkdir()
@@ -66,6 +80,8 @@ def test_unusable_study_named_and_others_written(clinical_run):
         assert (out / f"{name}.nii.gz").is_file(), proc.stderr[-3000:]
         report = out / "prepared" / name / f"{name}_preparation.json"
         assert report.is_file()
+        used = {s: Path(r["source"]).name for s, r in json.loads(report.read_text())["series"].items()}
+        assert used == {s: f"{CLINICAL_NAMES[s]}.nii.gz" for s in CLINICAL_NAMES}, used
     assert not (out / "T1ONLY.nii.gz").exists()
 
 

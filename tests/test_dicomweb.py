@@ -237,6 +237,12 @@ def test_cli_writes_study_and_rejects_non_case(synth, tmp_path, capsys):
         ("T2", "t2"), ("T2w", "t2"), ("ax_t2_tse", "t2"),
         ("FLAIR", "flair"), ("AX T2 FLAIR", "flair"), ("t2f", "flair"), ("T2-FLAIR", "flair"),
         ("DWI b1000", None), ("localizer", None), ("", None),
+        # scanner and archive names: pre-contrast words, contrast before T1, BIDS, T1 FLAIR, T2*
+        ("SAG T1 PRE GD", "t1"), ("AX T1 PRE GAD", "t1"), ("T1 native", "t1"), ("T1 w/o", "t1"), ("AX T1 POST GD", "t1ce"),
+        ("CT1", "t1ce"), ("ceT1", "t1ce"), ("Gd-T1", "t1ce"), ("MPRAGE_GD", "t1ce"), ("3D T1 BRAVO +C", "t1ce"), ("T1W_3D_TFE_GD", "t1ce"),
+        ("sub-01_ce-gadolinium_T1w", "t1ce"), ("sub-01_ses-pre_ce-gd_T1w", "t1ce"), ("sub-01_T1w", "t1"), ("sub-01_T2w", "t2"),
+        ("UPENN-GBM-00001_11_T1GD", "t1ce"), ("BraTS-GLI-00001-000-t1c", "t1ce"), ("BraTS-GLI-00001-000-t2f", "flair"),
+        ("AX T1 FLAIR", "t1"), ("AX T1 FLAIR POST", "t1ce"), ("T2*", None), ("AX T2* GRE", None), ("T2 star", None), ("SWI", None),
     ],
 )
 def test_series_description_rules(description, modality):
@@ -250,18 +256,33 @@ def test_match_series_errors_list_what_was_found():
         match_series(series, rules, "study 1.2.3")
     msg = str(e.value)
     assert "no series for T2" in msg and "'DWI' (MR) -> no modality" in msg and "'T1 post' (MR) -> T1ce" in msg
-    with pytest.raises(SeriesMatchError, match="2 series match T1ce"):
+    with pytest.raises(SeriesMatchError, match="2 series of the same size match T1ce"):
         match_series(series + [{"SeriesInstanceUID": "9", "SeriesDescription": "T1ce", "SeriesNumber": 9}], rules)
     # allow_missing (the DICOMweb datastore): FLAIR or T2 is enough, two series for one modality are not
     assert list(match_series(series, rules, allow_missing=True)) == ["t1", "t1ce", "flair"]
     with pytest.raises(SeriesMatchError, match="no series for T2, FLAIR .*need one series of FLAIR or T2"):
         match_series(series[:2], rules, allow_missing=True)
-    with pytest.raises(SeriesMatchError, match="2 series match T1ce"):
+    with pytest.raises(SeriesMatchError, match="2 series of the same size match T1ce"):
         match_series(series + [{"SeriesInstanceUID": "9", "SeriesDescription": "T1ce", "SeriesNumber": 9}], rules, allow_missing=True)
     custom = parse_rules('{"t2":"^DWI$"}')  # configurable: DWI stands in for T2 here
     assert match_series(series, custom)["t2"]["SeriesDescription"] == "DWI"
     with pytest.raises(ValueError, match="unknown modality"):
         parse_rules('{"pd":"x"}')
+
+
+def test_match_series_uses_the_largest_of_several():
+    """A 3D T1ce beside its reformat and an axial 2D T1ce: the series with the most instances is used, the others
+    are named; a tie stays an error."""
+    rules = parse_rules(None)
+    series = [{"SeriesInstanceUID": str(n), "SeriesDescription": d, "SeriesNumber": n, "Modality": "MR", "instances": k}
+              for n, d, k in [(2, "AX T1 PRE GD", 24), (3, "AX FLAIR", 24), (5, "AX T1 POST GD", 24), (6, "SAG 3D T1 POST GD", 176),
+                              (7, "COR T1 POST GD MPR", 120), (8, "AX T2* GRE", 24), (9, "AX T2 FSE", 24)]]
+    found = match_series(series, rules, "study 1.2.3", allow_missing=True)
+    assert {m: s["SeriesNumber"] for m, s in found.items()} == {"t1": 2, "t1ce": 6, "t2": 9, "flair": 3}
+    assert found["t1ce"]["passed_over"] == ["#7 'COR T1 POST GD MPR' (120 instances)", "#5 'AX T1 POST GD' (24 instances)"]
+    tied = [dict(s, instances=24) if s["SeriesNumber"] == 6 else s for s in series if s["SeriesNumber"] != 7]
+    with pytest.raises(SeriesMatchError, match="2 series of the same size match T1ce.*'AX T1 POST GD'.*'SAG 3D T1 POST GD'"):
+        match_series(tied, rules, "study 1.2.3", allow_missing=True)
 
 
 # ----------------------------------------------------------------------------------------- Orthanc

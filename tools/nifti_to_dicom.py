@@ -332,8 +332,9 @@ def convert_case(path: str | os.PathLike, out_dir: str | os.PathLike, case_id: s
 def convert_study_folder(path: str | os.PathLike, out_dir: str | os.PathLike, case_id: str | None = None, **kwargs) -> StudyInfo:
     """A study as it comes from the scanner, as ``configs/clinical.json`` reads it (``<study>/<series>.nii.gz``,
     each series on its own grid, its sequence from the file name by the series rules), as one DICOM MR
-    study whose SeriesDescriptions are the file names; raises ``SeriesMatchError`` when the names do not
-    give one file per sequence with FLAIR or T2 among them."""
+    study whose SeriesDescriptions are the file names (of several files of one sequence the largest, as
+    ``study_series`` chooses); raises ``SeriesMatchError`` when the names give no FLAIR or T2 file, or two
+    files of one sequence of the same size."""
     from custom.preparation import study_series
 
     folder = Path(path)

@@ -1,31 +1,44 @@
 """DICOM series of a study -> BraTS sequences, by SeriesDescription (configurable rules).
 
 ``SERIES_RULES`` / :func:`match_series` find the modality series of a study (used by the MONAI
-Label DICOMweb datastore); series written by ``tools/nifti_to_dicom.py`` are described with
-``custom.data.SEQUENCE_NAMES`` (T1, T1ce, T2, FLAIR).
+Label DICOMweb datastore, and on file names by ``custom.preparation.studies``); series written by
+``tools/nifti_to_dicom.py`` are described with ``custom.data.SEQUENCE_NAMES`` (T1, T1ce, T2, FLAIR).
+Where several series match one sequence (a 3D acquisition and its reformats, an axial 2D series
+beside a 3D one), the largest is used: most voxels (NIfTI) or instances (DICOM).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES
 
+logger = logging.getLogger(__name__)
+
 # Token boundaries for the description rules: letters and digits are word characters, "_", "-",
 # spaces, "+" etc. separate tokens ("AX_T2_FLAIR", "t1-ce", "T1 +C").
 _B, _E = r"(?<![a-z0-9])", r"(?![a-z0-9])"
+_PRE_CONTRAST = rf"{_B}(pre|precontrast|native|nativ|without|wo|w/o|non[\s_-]*contrast|plain){_E}"
+_T1_SEQUENCE = r"(t1(w)?|mprage|spgr|fspgr|bravo|tfe)"
+_CONTRAST = r"(post|gd|gad|gado|gadolinium|contrast|ce|\+\s*c|c\+)"
 SERIES_RULES: dict[str, str] = {
-    "flair": rf"flair|{_B}t2[\s_-]*f{_E}|dark[\s_-]*fluid",
-    "t1ce": rf"{_B}t1(w)?[\s_-]*(ce|c|gd|gad|post|\+\s*c|\+\s*gd|\+){_E}|{_B}t1.*{_B}(post|gd|gad|contrast|ce|\+\s*c|c\+)(?![a-z0-9])",
-    "t2": rf"{_B}t2(w)?{_E}",
+    "flair": rf"(?<!t1[\s_-])(?<!t1)flair|{_B}t2[\s_-]*f{_E}|dark[\s_-]*fluid",
+    "t1ce": (rf"{_B}ce-[a-z0-9]+{_E}.*{_B}t1w{_E}"  # BIDS: sub-01_ce-gd_T1w
+             rf"|^(?!.*{_PRE_CONTRAST})(?:.*{_B}t1(w)?[\s_-]*(ce|c|gd|gad|post|\+\s*c|\+\s*gd|\+)(?![a-z0-9])"
+             rf"|.*{_B}(ce|c|gd|gad)[\s_-]*t1(w)?{_E}"
+             rf"|.*{_B}{_T1_SEQUENCE}{_E}.*{_B}{_CONTRAST}(?![a-z0-9]))"),
+    "t2": rf"^(?!.*(\*|{_B}(star|gre|swi|ffe|fgre|hemo|haemo){_E}))(?:.*{_B}t2(w)?{_E})",
     "t1": rf"{_B}t1(w|n)?{_E}|mprage|spgr",
 }
 """Default rules: a case-insensitive ``re.search`` on SeriesDescription per modality. A series goes to
 the first modality whose rule matches, tried in ``RULE_ORDER`` (FLAIR before T2, T1ce before T1, so
-"T2 FLAIR" is a FLAIR and "T1 post Gd" a T1ce)."""
+"T2 FLAIR" is a FLAIR and "T1 post Gd" a T1ce). T1ce: "T1ce", "t1c", "T1 post Gd", "AX T1+C", "ceT1",
+"CT1", "MPRAGE GD", BIDS "ce-gd_T1w", but not with a pre-contrast word ("SAG T1 PRE GD", "T1 native":
+T1). FLAIR: not "T1 FLAIR" (a T1-weighted sequence). T2: not T2* ("T2*", "T2 GRE", "T2 star", SWI)."""
 RULE_ORDER = ("flair", "t1ce", "t2", "t1")
 
 
@@ -79,13 +92,23 @@ def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], whe
     when a modality has none or several.
 
     ``allow_missing``: modalities without a series are left out of the result (canonical order)
-    as long as FLAIR or T2 has one (``custom.data.REQUIRED_ANY``: what the model needs); several
-    series for one modality are still an error."""
+    as long as FLAIR or T2 has one (``custom.data.REQUIRED_ANY``: what the model needs).
+
+    Several series for one modality: the largest (:func:`series_size`: ``voxels``, else ``instances``)
+    is used, logged, and given a ``passed_over`` list of the others' descriptions; an error when
+    the largest two are the same size (or of unknown size)."""
     hits: dict[str, list[Mapping]] = {m: [] for m in MODALITIES}
     for s in series:
         m = classify(str(s.get("SeriesDescription") or ""), rules)
         if m:
             hits[m].append(s)
+    for m, h in hits.items():
+        if len(h) > 1:
+            ranked = sorted(h, key=lambda s: -series_size(s))
+            if series_size(ranked[0]) > series_size(ranked[1]):
+                hits[m] = [{**ranked[0], "passed_over": [_describe(s) for s in ranked[1:]]}]
+                logger.info(f"{where}: {len(h)} series match {SEQUENCE_NAMES[m]}; using the largest, {_describe(ranked[0])}, "
+                            f"over {', '.join(_describe(s) for s in ranked[1:])}")
     missing = [SEQUENCE_NAMES[m] for m in MODALITIES if not hits[m]]
     several = {SEQUENCE_NAMES[m]: h for m, h in hits.items() if len(h) > 1}
     if allow_missing and any(hits[m] for m in REQUIRED_ANY):
@@ -100,10 +123,21 @@ def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], whe
         if missing:
             problems.append(f"no series for {', '.join(missing)}")
         for name, h in several.items():
-            problems.append(f"{len(h)} series match {name}")
+            problems.append(f"{len(h)} series of the same size match {name}")
         need = "one series of FLAIR or T2 and at most one each of T1, T1ce, T2, FLAIR" if allow_missing else "exactly one each of T1, T1ce, T2, FLAIR"
         raise SeriesMatchError(
             f"{where}: {'; '.join(problems)} (need {need}; series found: {listing}); "
             f"adjust the SeriesDescription rules (--conf dicomweb_series_rules)"
         )
     return {m: hits[m][0] for m in MODALITIES if hits[m]}
+
+
+def series_size(series: Mapping) -> int:
+    """How large a series is, to choose among several of one sequence: its ``voxels`` (a NIfTI file), else its
+    ``instances`` (DICOM NumberOfSeriesRelatedInstances: slices of a 2D series), else 0 (unknown)."""
+    return int(series.get("voxels") or series.get("instances") or 0)
+
+
+def _describe(series: Mapping) -> str:
+    size = f"{series['voxels']} voxels" if series.get("voxels") else f"{series.get('instances') or '?'} instances"
+    return f"#{series.get('SeriesNumber', '?')} {str(series.get('SeriesDescription') or '')!r} ({size})"

@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
 from custom.data.batch import CheckedCases, check_cases
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
 from custom.data.errors import BraTSDataError
@@ -29,15 +31,25 @@ logger = logging.getLogger(__name__)
 
 def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | None = None) -> dict[str, Path]:
     """Sequence -> NIfTI file of the study folder ``study``, one file per sequence, the sequence read
-    from the file name by ``rules`` (``custom.data.dicom_series.parse_rules``; None: the defaults).
-    FLAIR or T2 must be present; raises ``SeriesMatchError`` listing every file otherwise, or when two
-    files match one sequence."""
+    from the file name by ``rules`` (``custom.data.dicom_series.parse_rules``; None: the defaults); of
+    several files of one sequence the one with the most voxels. FLAIR or T2 must be present; raises
+    ``SeriesMatchError`` listing every file otherwise, or when two files of one sequence are the same size."""
     folder = Path(study)
     files = sorted(f for f in folder.iterdir() if f.is_file() and strip_nifti_suffix(f.name))
-    described = [{"SeriesDescription": strip_nifti_suffix(f.name), "SeriesNumber": i + 1, "Modality": "NIfTI", "path": f}
-                 for i, f in enumerate(files)]
+    described = [{"SeriesDescription": strip_nifti_suffix(f.name), "SeriesNumber": i + 1, "Modality": "NIfTI", "path": f,
+                  "voxels": _voxels(f)} for i, f in enumerate(files)]
     hits = match_series(described, rules or parse_rules(None), where=f"study {folder.name}", allow_missing=True)
     return {seq: s["path"] for seq, s in hits.items()}
+
+
+def _voxels(path: Path) -> int:
+    """Voxels of a NIfTI file from its header (0 when it cannot be read: reading the series says why)."""
+    import nibabel as nib
+
+    try:
+        return int(np.prod(nib.load(path).shape))
+    except Exception:  # noqa: BLE001 - a bad file is reported when it is read for preparation
+        return 0
 
 
 class PreparedStudies:

@@ -11,11 +11,12 @@ series one image; a BraTS network needs the four co-registered modalities of a s
   regular expressions (``custom.data.dicom_series.SERIES_RULES``: "T1", "T1w", "t1n", "MPRAGE" -> T1; "T1ce",
   "t1c", "T1 post Gd", "T1+C" -> T1ce; "T2", "T2w" -> T2; "FLAIR", "T2 FLAIR", "t2f" -> FLAIR),
   replaced per modality with ``--conf dicomweb_series_rules '{"t1ce":"post"}'`` (JSON without
-  spaces, or the path of a JSON file). A study is an image when at most one series matches each
-  modality and FLAIR or T2 has one (the model accepts any subset of the four sequences that
-  contains FLAIR or T2; missing ones are zero-filled by the bundle's loader and the inference
-  result's ``sequences`` names those used); other studies (no FLAIR and no T2, or two series for
-  one modality) are left out of the image list, and asking for them answers HTTP 422 with every
+  spaces, or the path of a JSON file); of several series of one modality the one with the most
+  instances is used (``match_series``). A study is an image when FLAIR or T2 has a series (the
+  model accepts any subset of the four sequences that contains FLAIR or T2; missing ones are
+  zero-filled by the bundle's loader and the inference result's ``sequences`` names those used);
+  other studies (no FLAIR and no T2, or two series of one modality with the same number of
+  instances) are left out of the image list, and asking for them answers HTTP 422 with every
   series found and what it matched.
 - **Image id = the FLAIR series' SeriesInstanceUID** (the T2's when the study has no FLAIR: the
   series annotators draw on, what ``GET /datastore/image`` serves and what the DICOM SEG references
@@ -194,7 +195,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
                 alias[s["SeriesInstanceUID"]] = study.image_id
         if problems:
             logger.info(f"{len({k for k in problems if k in by_study})} MR studies without FLAIR or T2 series "
-                        f"(or with two series for one modality) are not listed")
+                        f"(or with two series of one modality of the same size) are not listed")
         return {"studies": studies, "alias": alias, "problems": problems}
 
     def _studies(self, refresh: bool = False) -> dict:
@@ -372,6 +373,9 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
             "Modality": "MR",
             "series": {SEQUENCE_NAMES[m]: s["SeriesInstanceUID"] for m, s in study.series.items()},
         }
+        passed_over = {SEQUENCE_NAMES[m]: s["passed_over"] for m, s in study.series.items() if s.get("passed_over")}
+        if passed_over:  # the other series that matched a sequence, smaller than the one used
+            info["passed_over"] = passed_over
         LocalDatastore.add_image(self, flair, src, info)
         return LocalDatastore.get_image_uri(self, flair)
 
