@@ -242,7 +242,7 @@ def test_cli_writes_study_and_rejects_non_case(synth, tmp_path, capsys):
         ("CT1", "t1ce"), ("ceT1", "t1ce"), ("Gd-T1", "t1ce"), ("MPRAGE_GD", "t1ce"), ("3D T1 BRAVO +C", "t1ce"), ("T1W_3D_TFE_GD", "t1ce"),
         ("sub-01_ce-gadolinium_T1w", "t1ce"), ("sub-01_ses-pre_ce-gd_T1w", "t1ce"), ("sub-01_T1w", "t1"), ("sub-01_T2w", "t2"),
         ("UPENN-GBM-00001_11_T1GD", "t1ce"), ("BraTS-GLI-00001-000-t1c", "t1ce"), ("BraTS-GLI-00001-000-t2f", "flair"),
-        ("AX T1 FLAIR", "t1"), ("AX T1 FLAIR POST", "t1ce"), ("T2*", None), ("AX T2* GRE", None), ("T2 star", None), ("SWI", None),
+        ("AX T1 FLAIR", "t1"), ("T1W_FLAIR_SAG", "t1"), ("AX T1 FLAIR POST", "t1ce"), ("T2*", None), ("AX T2* GRE", None), ("T2 star", None), ("SWI", None),
     ],
 )
 def test_series_description_rules(description, modality):

@@ -26,7 +26,7 @@ _PRE_CONTRAST = rf"{_B}(pre|precontrast|native|nativ|without|wo|w/o|non[\s_-]*co
 _T1_SEQUENCE = r"(t1(w)?|mprage|spgr|fspgr|bravo|tfe)"
 _CONTRAST = r"(post|gd|gad|gado|gadolinium|contrast|ce|\+\s*c|c\+)"
 SERIES_RULES: dict[str, str] = {
-    "flair": rf"(?<!t1[\s_-])(?<!t1)flair|{_B}t2[\s_-]*f{_E}|dark[\s_-]*fluid",
+    "flair": rf"(?<!t1[\s_-])(?<!t1w[\s_-])(?<!t1)flair|{_B}t2[\s_-]*f{_E}|dark[\s_-]*fluid",
     "t1ce": (rf"{_B}ce-[a-z0-9]+{_E}.*{_B}t1w{_E}"  # BIDS: sub-01_ce-gd_T1w
              rf"|^(?!.*{_PRE_CONTRAST})(?:.*{_B}t1(w)?[\s_-]*(ce|c|gd|gad|post|\+\s*c|\+\s*gd|\+)(?![a-z0-9])"
              rf"|.*{_B}(ce|c|gd|gad)[\s_-]*t1(w)?{_E}"
