@@ -124,7 +124,8 @@ def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], whe
             problems.append(f"no series for {', '.join(missing)}")
         for name, h in several.items():
             problems.append(f"{len(h)} series of the same size match {name}")
-        need = "one series of FLAIR or T2 and at most one each of T1, T1ce, T2, FLAIR" if allow_missing else "exactly one each of T1, T1ce, T2, FLAIR"
+        need = ("one series of FLAIR or T2" if allow_missing else "a series each of T1, T1ce, T2, FLAIR") + \
+            ", and of several series of one sequence one larger than the others"
         raise SeriesMatchError(
             f"{where}: {'; '.join(problems)} (need {need}; series found: {listing}); "
             f"adjust the SeriesDescription rules (--conf dicomweb_series_rules)"
