@@ -89,7 +89,7 @@ def classify(description: str, rules: Mapping[str, re.Pattern]) -> str | None:
 def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], where: str = "study", allow_missing: bool = False) -> dict[str, Mapping]:
     """Pick one series per modality from ``series`` (dicts with ``SeriesInstanceUID``,
     ``SeriesDescription``, ``SeriesNumber``). Raises ``SeriesMatchError`` listing every series found
-    when a modality has none or several.
+    when a modality has none, or several of which none is the largest.
 
     ``allow_missing``: modalities without a series are left out of the result (canonical order)
     as long as FLAIR or T2 has one (``custom.data.REQUIRED_ANY``: what the model needs).

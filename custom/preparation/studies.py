@@ -48,7 +48,7 @@ def _voxels(path: Path) -> int:
 
     try:
         return int(np.prod(nib.load(path).shape))
-    except Exception:  # noqa: BLE001 - a bad file is reported when it is read for preparation
+    except Exception:  # a bad file is reported when it is read for preparation
         return 0
 
 
