@@ -110,20 +110,21 @@ def segment(rows: list[dict], seed: int, work: Path, variants: dict[str, list[st
     return lines
 
 
-def bias_corrected_dataset(ready: Path, out: Path, bias_correction) -> Path:
-    """``out``: a copy of the BraTS 2021 dataset ``ready`` whose sequences named by ``bias_correction`` are N4-corrected
+def bias_corrected_dataset(ready: Path, bias_correction) -> Path:
+    """A copy of the BraTS 2021 dataset ``ready``, beside it, whose sequences named by ``bias_correction`` are N4-corrected
     inside the brain as ``prepare_study`` corrects them (``custom.preparation.grid.bias_correct``); made once."""
     import nibabel as nib
 
     from custom.preparation.grid import bias_correct
     from custom.preparation.study import bias_corrected
 
+    corrected = bias_corrected(bias_correction, SEQUENCES)
+    out = ready.with_name(f"{ready.name}_n4_{'_'.join(corrected) or 'none'}")
     if out.is_dir():
         return out
     tmp = out.with_name(out.name + ".partial")
     for case in sorted(d for d in ready.iterdir() if d.is_dir()):
         (tmp / case.name).mkdir(parents=True, exist_ok=True)
-        corrected = bias_corrected(bias_correction, SEQUENCES)
         for f in sorted(case.glob("*.nii.gz")):
             seq = f.name[len(case.name) + 1:].split(".")[0]
             img = nib.load(f)
@@ -158,8 +159,7 @@ def segment_variant(rows: list[dict], seed: int, work: Path, name: str, override
     ready_s, _ = run_inference(ready, seg_ready, config, overrides)
     n4 = n4_words(bias_correction)
     seg_ready_n4 = work / f"seg_ready_n4_{seed}_{tag}"
-    run_inference(bias_corrected_dataset(ready, work / f"ready_{seed}_{n4.replace(' ', '_').replace(',', '')}", bias_correction),
-                  seg_ready_n4, config, overrides)
+    run_inference(bias_corrected_dataset(ready, bias_correction), seg_ready_n4, config, overrides)
     version = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())["version"]
     given = dict(o.split("=", 1) for o in overrides)
     weights = Path(ast.literal_eval(given["ckpt_path"])) if "ckpt_path" in given else REPO / "bundle" / "models" / "model.pt"

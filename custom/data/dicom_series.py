@@ -106,9 +106,10 @@ def match_series(series: Sequence[Mapping], rules: Mapping[str, re.Pattern], whe
         if len(h) > 1:
             ranked = sorted(h, key=lambda s: -series_size(s))
             if series_size(ranked[0]) > series_size(ranked[1]):
-                hits[m] = [{**ranked[0], "passed_over": [_describe(s) for s in ranked[1:]]}]
+                others = [_describe(s) for s in ranked[1:]]
+                hits[m] = [{**ranked[0], "passed_over": others}]
                 logger.info(f"{where}: {len(h)} series match {SEQUENCE_NAMES[m]}; using the largest, {_describe(ranked[0])}, "
-                            f"over {', '.join(_describe(s) for s in ranked[1:])}")
+                            f"over {', '.join(others)}")
     missing = [SEQUENCE_NAMES[m] for m in MODALITIES if not hits[m]]
     several = {SEQUENCE_NAMES[m]: h for m, h in hits.items() if len(h) > 1}
     if allow_missing and any(hits[m] for m in REQUIRED_ANY):

@@ -13,12 +13,11 @@ and reported with the batch's). ``configs/clinical.json`` puts it in front of ``
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
 from typing import Mapping
-
-import numpy as np
 
 from custom.data.batch import CheckedCases, check_cases
 from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
@@ -47,7 +46,7 @@ def _voxels(path: Path) -> int:
     import nibabel as nib
 
     try:
-        return int(np.prod(nib.load(path).shape))
+        return math.prod(nib.load(path).shape)
     except Exception:  # a bad file is reported when it is read for preparation
         return 0
 
