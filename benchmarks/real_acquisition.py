@@ -51,11 +51,15 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def acquire_case(images: dict[str, np.ndarray], brain: np.ndarray, affine: np.ndarray, rng: np.random.Generator,
-                 out_dir: Path) -> dict[str, dict]:
+                 out_dir: Path, head: np.ndarray | None = None) -> dict[str, dict]:
     """Write every sequence of ``images`` (voxel -> RAS ``affine``, background 0) as a raw series of
-    ``out_dir``; returns per sequence its file, pose (case world -> series world) and acquisition."""
+    ``out_dir``; returns per sequence its file, pose (case world -> series world) and acquisition.
+
+    Without ``head`` the series hold the brain only, 0 outside (a skull-stripped export); with ``head``
+    (bool, ``brain.shape``) the field of view covers the head and the series keep their noisy background."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pts = np.argwhere(brain[::4, ::4, ::4]) * 4 @ affine[:3, :3].T + affine[:3, 3]
+    covered = brain if head is None else head
+    pts = np.argwhere(covered[::4, ::4, ::4]) * 4 @ affine[:3, :3].T + affine[:3, 3]
     centre = pts.mean(0)
     out = {}
     for s, img in images.items():
@@ -74,9 +78,11 @@ def acquire_case(images: dict[str, np.ndarray], brain: np.ndarray, affine: np.nd
         aff = series_affine(rng, orientation, voxel, shape, (lo + hi) / 2 + rng.uniform(-4.0, 4.0, 3))
         level = float(np.percentile(img[brain], 75))  # ~ white matter = 1, the scale of the generator's noise
         data = acquire(rng, img / level, affine, pose, aff, shape, voxel[2], float(rng.uniform(15.0, 40.0)), float(rng.uniform(0.1, 0.3)))
-        m = np.linalg.inv(affine) @ np.linalg.inv(pose) @ aff
-        inside = ndi.affine_transform(brain.astype(np.float32), m[:3, :3], m[:3, 3], shape, order=1) >= 0.5
-        data = np.where(inside, np.clip(np.rint(data * rng.uniform(300.0, 1500.0)), 1, 32767), 0).astype(np.int16)
+        data = np.clip(np.rint(data * rng.uniform(300.0, 1500.0)), 1, 32767)
+        if head is None:
+            m = np.linalg.inv(affine) @ np.linalg.inv(pose) @ aff
+            data = np.where(ndi.affine_transform(brain.astype(np.float32), m[:3, :3], m[:3, 3], shape, order=1) >= 0.5, data, 0)
+        data = data.astype(np.int16)
         path = out_dir / f"{SERIES_NAMES[s]}.nii.gz"
         nii = nib.Nifti1Image(data, aff)
         nii.set_qform(aff, code=1)
