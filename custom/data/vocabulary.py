@@ -25,6 +25,10 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 REQUIRED_ANY = ("flair", "t2")
 """A case must hold at least one of these sequences (the model accepts any subset of ``MODALITIES``
 that contains one of them); the others may be missing."""
+REFERENCE_ORDER = ("t1ce", "flair", "t1", "t2")
+"""The reference series of a clinical study (the one the others are registered to, the brain extracted on and the
+labels written on): the first of these it holds. A T1 comes before the T2, since the brain-extraction atlas is
+T1-weighted (``benchmarks/results/preparation_n4_3_levels.md``, notes)."""
 SEQUENCE_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 REGIONS = ("TC", "WT", "ET")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

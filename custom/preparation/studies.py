@@ -53,7 +53,7 @@ def _voxels(path: Path) -> int:
 
 class PreparedStudies:
     """Every study folder of ``study_dir`` prepared into ``prepared_dir/<study>/`` (BraTS 2021 naming) on
-    a grid of ``spacing`` mm in the reference series' space (``reference``: T1ce, else FLAIR, else T2).
+    a grid of ``spacing`` mm in the reference series' space (``reference``: T1ce, else FLAIR, else T1, else T2).
 
     ``dataset_dir``: ``prepared_dir``, for the bundle's data layer; ``reports``: study -> preparation
     report (``<study>_preparation.json``: transforms, mutual information, brain volume in mL, the

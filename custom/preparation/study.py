@@ -1,7 +1,7 @@
 """One study from the scanner -> BraTS-ready input: :func:`prepare_study`.
 
 Reads every series (:mod:`~custom.preparation.series`), extracts the brain on the reference series
-(T1ce if present, else FLAIR, else T2; :mod:`~custom.preparation.brain`), which also places the model
+(``REFERENCE_ORDER``: T1ce, else FLAIR, else T1, else T2; :mod:`~custom.preparation.brain`), which also places the model
 grid (:mod:`~custom.preparation.grid`), registers every other series rigidly onto the reference
 (:mod:`~custom.preparation.registration`), resamples all onto the grid with 0 outside the brain
 (N4 on T1, T1ce and T2 by default) and writes ``<case>_<seq>.nii.gz`` (BraTS 2021 naming), ``<case>_brainmask.nii.gz`` and
@@ -19,21 +19,20 @@ import nibabel as nib
 import numpy as np
 
 from custom.data.errors import OutputError
-from custom.data.vocabulary import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_ALIASES, describe_sequences
+from custom.data.vocabulary import LAYOUTS, MODALITIES, REFERENCE_ORDER, REQUIRED_ANY, SEQUENCE_ALIASES, describe_sequences
 from custom.preparation.brain import METHODS, extract_brain
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import bias_correct, model_grid, resample_to_grid
 from custom.preparation.registration import identity, register_rigid, working_image
 from custom.preparation.series import image_affine, read_series
 
-REFERENCE_ORDER = ("t1ce", "flair", "t2")
-"""The reference series: the first of these in the study."""
-
 
 def default_reference(sequences) -> str:
     """The reference series of a study with ``sequences`` (names of ``MODALITIES``): the first of
     :data:`REFERENCE_ORDER` among them. Raises ``StopIteration`` if none is."""
     return next(s for s in REFERENCE_ORDER if s in sequences)
+
+
 LAYOUT = LAYOUTS["brats2021"]
 
 
@@ -108,7 +107,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
 
     ``series``: sequence name (``t1``, ``t1ce``, ``t2``, ``flair`` or an alias) -> NIfTI path, any grid;
     FLAIR or T2 required. ``reference``: the series the others are registered to (default: T1ce, else
-    FLAIR, else T2). ``bias_correction``: N4 on the named series (default :data:`N4_SEQUENCES`), on every
+    FLAIR, else T1, else T2). ``bias_correction``: N4 on the named series (default :data:`N4_SEQUENCES`), on every
     series (``True``) or on none (``False``). ``spacing``: the model grid's voxel size (mm). Report: per series its file, grid
     and registration (rotation in degrees, translation in mm, mutual information, seconds); the
     reference and the model grid; the brain volume (mL) and method; total seconds.

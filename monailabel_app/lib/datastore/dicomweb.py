@@ -30,7 +30,7 @@ series one image; a BraTS network needs the four co-registered modalities of a s
   (BraTS-style co-registered) are used as they are. Series on different grids (a study as it comes
   from the scanner: own orientation, voxel size, pose; skull present) are prepared first
   (``custom.preparation.prepare_study``: rigid mutual-information registration onto the reference
-  series, T1ce, else FLAIR, else T2, brain extraction on it, a grid of ``--conf
+  series, T1ce, else FLAIR, else T1, else T2, brain extraction on it, a grid of ``--conf
   dicomweb_prepared_spacing`` mm, default 1, N4 on T1, T1ce and T2), cached in ``prepared/<image id>/``; the inference
   result is carried back onto the display series' grid through the display series' registration
   (``result_on_image``) before it is returned or stored, and training gets the final labels carried
@@ -298,7 +298,7 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
     def prepared_study(self, image_id: str) -> Optional[dict]:
         """The preparation report of a study whose series lie on different grids (None when they share
         one): every series registered rigidly onto the reference series (``prepare_study``'s default:
-        T1ce, else FLAIR, else T2; a 3D T1ce is usually the finest series), brain extracted on it,
+        T1ce, else FLAIR, else T1, else T2; a 3D T1ce is usually the finest series), brain extracted on it,
         resampled to ``prepared_spacing`` mm (``custom.preparation.prepare_study``), cached in
         ``prepared/<image id>/`` until a series changes. Labels lie on the display series: results
         reach it through its registration (``result_on_image``).
