@@ -51,9 +51,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def acquire_case(images: dict[str, np.ndarray], brain: np.ndarray, affine: np.ndarray, rng: np.random.Generator,
-                 out_dir: Path, head: np.ndarray | None = None) -> dict[str, dict]:
+                 out_dir: Path, head: np.ndarray | None = None, protocols: dict | None = None) -> dict[str, dict]:
     """Write every sequence of ``images`` (voxel -> RAS ``affine``, background 0) as a raw series of
     ``out_dir``; returns per sequence its file, pose (case world -> series world) and acquisition.
+    ``protocols``: sequence -> protocols in place of ``PROTOCOLS``' (one drawn per series).
 
     Without ``head`` the series hold the brain only, 0 outside (a skull-stripped export); with ``head``
     (bool, ``brain.shape``) the field of view covers the head and the series keep their noisy background."""
@@ -63,7 +64,8 @@ def acquire_case(images: dict[str, np.ndarray], brain: np.ndarray, affine: np.nd
     centre = pts.mean(0)
     out = {}
     for s, img in images.items():
-        voxel, orients = PROTOCOLS[s][int(rng.integers(len(PROTOCOLS[s])))]
+        choices = {**PROTOCOLS, **(protocols or {})}[s]
+        voxel, orients = choices[int(rng.integers(len(choices)))]
         orientation = orients[int(rng.integers(len(orients)))]
         angles, shift = rng.uniform(-10.0, 10.0, 3), rng.uniform(-10.0, 10.0, 3)
         pose = np.eye(4)
@@ -127,14 +129,36 @@ def load_cases(root: Path) -> dict[str, dict]:
     return cases
 
 
+def protocol_option(text: str) -> tuple[str, list]:
+    """``SEQ=VOXELS:ORIENTATION`` (``t1ce=0.9x0.9x5:axial``) as ``(SEQ, [((0.9, 0.9, 5.0), ("axial",))])``, a
+    ``PROTOCOLS`` entry. Raises ``ValueError`` naming what is wrong."""
+    seq, _, rest = text.partition("=")
+    voxels, _, orientation = rest.partition(":")
+    try:
+        voxel = tuple(float(v) for v in voxels.split("x"))
+    except ValueError:
+        voxel = ()
+    if seq not in PROTOCOLS or len(voxel) != 3 or min(voxel) <= 0 or orientation not in SLICE_AXIS:
+        raise ValueError(f"--protocol {text!r}: expected SEQ=AxBxC:ORIENTATION, SEQ one of {', '.join(PROTOCOLS)}, "
+                         f"A, B, C positive mm, ORIENTATION one of {', '.join(SLICE_AXIS)}")
+    return seq, [(voxel, (orientation,))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--real_dev", required=True, type=Path, help="the real-dev folder (brats2015_flair_t1c/, BraTS-GLI-*/)")
     p.add_argument("--draws", type=int, default=2, help="acquisitions per case (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", action="append", default=[], help="KEY=VALUE, passed to every bundle command (VALUE a Python literal: \"path\")")
+    p.add_argument("--protocol", action="append", default=[], metavar="SEQ=VOXELS:ORIENTATION",
+                   help="acquire SEQ with this protocol only, e.g. t1ce=0.9x0.9x5:axial (in-plane x in-plane x slice mm; "
+                        "axial, sagittal or coronal); default: custom.synthetic.raw_study.PROTOCOLS")
     p.add_argument("--out", type=Path, help="markdown file for the tables (printed anyway); a .json beside it")
     args = p.parse_args(argv)
+    try:
+        protocols = dict(protocol_option(v) for v in args.protocol)
+    except ValueError as e:
+        p.error(str(e))
     overrides = [*args.override, "use_crf=False"]
     cases = load_cases(args.real_dev)
     if not cases:
@@ -151,7 +175,7 @@ def main(argv=None) -> int:
             acquired = {}
             for i, (name, c) in enumerate(cases.items()):
                 rng = np.random.default_rng([args.seed, i, draw, 17])
-                acquired[name] = acquire_case(c["images"], c["brain"], c["affine"], rng, tmp / f"raw_{draw}" / name)
+                acquired[name] = acquire_case(c["images"], c["brain"], c["affine"], rng, tmp / f"raw_{draw}" / name, protocols=protocols)
             seconds[f"raw {draw}"], _ = run_inference(tmp / f"raw_{draw}", tmp / f"pred_raw_{draw}", clinical, overrides)
             for name, c in cases.items():
                 series = acquired[name]
