@@ -258,6 +258,42 @@ def test_a_t1_is_the_reference_before_a_t2(study, tmp_path):
     assert _dice(mask, truth) >= 0.95
 
 
+def test_a_study_of_dicom_series_is_read_and_prepared(study, tmp_path):
+    """An archive's download: a folder per DICOM series below the study folder, with a localizer no rule maps. The
+    series rules read the SeriesDescriptions, the series used become NIfTI files on their own grids, and the study is
+    prepared as from NIfTI files."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from custom.data.dicom_series import SeriesMatchError
+    from custom.preparation.studies import study_series
+    from tools.nifti_to_dicom import write_series
+
+    shared = Dataset()
+    shared.PatientID, shared.PatientName, shared.StudyInstanceUID = "P9", "P9", generate_uid()
+    shared.FrameOfReferenceUID, shared.StudyDate, shared.StudyTime = generate_uid(), "20261205", "120000"
+    names = {"t1ce": "AX T1 POST GD", "flair": "SAG T2 FLAIR", "t2": "AX T2 TSE"}
+    downloaded = tmp_path / "studies" / "P9"
+    for i, (seq, name) in enumerate(names.items()):
+        img = nib.load(study.series[seq])
+        write_series(np.asarray(img.dataobj), img.affine, downloaded / f"1.2.{i}-{name.replace(' ', '_')}", study=shared,
+                     series_uid=generate_uid(), series_number=i + 2, description=name)
+    loc = nib.load(study.series["t1"])
+    write_series(np.asarray(loc.dataobj)[:, :, :3], loc.affine, downloaded / "1.2.9-localizer", study=shared, series_uid=generate_uid(),
+                 series_number=1, description="3-plane localizer")
+    with pytest.raises(SeriesMatchError, match="no series for"):
+        study_series(downloaded)  # without nifti_dir, DICOM series are not looked for
+    found = study_series(downloaded, nifti_dir=tmp_path / "nifti")
+    assert sorted(found) == ["flair", "t1ce", "t2"]
+    for seq, path in found.items():
+        # the same voxels at the same world positions (GDCM orders the slices by position: compare in RAS order)
+        src, out = nib.as_closest_canonical(nib.load(study.series[seq])), nib.as_closest_canonical(nib.load(path))
+        assert out.shape[:3] == src.shape[:3] and np.allclose(out.affine, src.affine, atol=1e-3)
+        assert np.allclose(np.asarray(out.dataobj, np.float32), np.asarray(src.dataobj, np.float32), atol=1.0)
+    prepared = PreparedStudies(tmp_path / "studies", tmp_path / "out" / "prepared", spacing=SPACING, bias_correction=False)
+    assert prepared.reports["P9"]["reference"]["sequence"] == "t1ce" and not prepared.refused
+
+
 def test_study_without_flair_or_t2(study, tmp_path, capsys):
     with pytest.raises(PreparationError, match="it needs FLAIR or T2") as e:
         prepare_study({"t1": study.series["t1"], "t1c": study.series["t1ce"]}, tmp_path)

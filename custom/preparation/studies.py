@@ -4,6 +4,9 @@
 
     <study_dir>/<study>/<series>.nii.gz     any file names: the sequence of each series comes from its
                                             name by the series rules (``custom.data.dicom_series``)
+    <study_dir>/<study>/.../<files>         or DICOM files in folders below the study (an archive's download:
+                                            a folder per series, any depth), the sequence from each series'
+                                            SeriesDescription by the same rules; converted to NIfTI first
 
 :class:`PreparedStudies` prepares every study (:func:`~custom.preparation.study.prepare_study`) into
 ``<prepared_dir>/<study>/`` and keeps going past a study that cannot be prepared (its error is kept
@@ -28,17 +31,72 @@ from custom.preparation.study import N4_SEQUENCES, bias_corrected, prepare_study
 logger = logging.getLogger(__name__)
 
 
-def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | None = None) -> dict[str, Path]:
+def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | None = None,
+                 nifti_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Sequence -> NIfTI file of the study folder ``study``, one file per sequence, the sequence read
     from the file name by ``rules`` (``custom.data.dicom_series.parse_rules``; None: the defaults); of
     several files of one sequence the one with the most voxels. FLAIR or T2 must be present; raises
-    ``SeriesMatchError`` listing every file otherwise, or when two files of one sequence are the same size."""
+    ``SeriesMatchError`` listing every file otherwise, or when two files of one sequence are the same size.
+
+    With ``nifti_dir``, DICOM series in ``study`` and the folders below it count too (:func:`dicom_series`: the
+    sequence from the SeriesDescription, the size rows x columns x instances); those used are written there as
+    ``<sequence>.nii.gz`` (:func:`dicom_to_nifti`)."""
     folder = Path(study)
     files = sorted(f for f in folder.iterdir() if f.is_file() and strip_nifti_suffix(f.name))
     described = [{"SeriesDescription": strip_nifti_suffix(f.name), "SeriesNumber": i + 1, "Modality": "NIfTI", "path": f,
                   "voxels": _voxels(f)} for i, f in enumerate(files)]
+    if nifti_dir is not None:
+        described += dicom_series(folder)
     hits = match_series(described, rules or parse_rules(None), where=f"study {folder.name}", allow_missing=True)
-    return {seq: s["path"] for seq, s in hits.items()}
+    return {seq: dicom_to_nifti(s, Path(nifti_dir) / f"{seq}.nii.gz") if "files" in s else s["path"] for seq, s in hits.items()}
+
+
+def dicom_series(folder: Path) -> list[dict]:
+    """The DICOM image series in ``folder`` and the folders below it (files of any name but NIfTI and JSON; files
+    that are not DICOM images are skipped), one dict each:
+    ``SeriesInstanceUID``, ``SeriesDescription``, ``SeriesNumber``, ``Modality``, ``voxels`` (rows x columns x
+    instances), ``files`` and ``path`` (the folder of its first file)."""
+    import pydicom
+
+    series: dict[str, dict] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not strip_nifti_suffix(p.name) and p.suffix != ".json"):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # not a DICOM file
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if not uid or "Rows" not in ds:
+            continue
+        s = series.setdefault(uid, {"SeriesInstanceUID": uid, "SeriesDescription": str(ds.get("SeriesDescription", "")),
+                                    "SeriesNumber": ds.get("SeriesNumber", "?"), "Modality": str(ds.get("Modality", "?")),
+                                    "voxels": 0, "files": [], "path": f.parent})
+        s["files"].append(f)
+        s["voxels"] += int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+    return list(series.values())
+
+
+def dicom_to_nifti(series: Mapping, out: Path) -> Path:
+    """The DICOM series ``series`` (a :func:`dicom_series` dict) written as the NIfTI file ``out`` (SimpleITK / GDCM:
+    slices sorted by position). Raises ``SeriesMatchError`` when its files do not make one volume."""
+    import SimpleITK as sitk
+
+    files = [os.fspath(f) for f in series["files"]]
+    reader = sitk.ImageSeriesReader()
+    names = [n for d in sorted({os.path.dirname(f) for f in files})
+             for n in reader.GetGDCMSeriesFileNames(d, series["SeriesInstanceUID"])] or files
+    what = f"DICOM series #{series['SeriesNumber']} {series['SeriesDescription']!r} ({series['path']})"
+    if len(names) != len(files):
+        raise SeriesMatchError(f"{what}: GDCM sorts {len(names)} of its {len(files)} files into one volume (mixed orientations or sizes?)")
+    reader.SetFileNames(names)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise SeriesMatchError(f"{what}: cannot be read ({str(e).strip().splitlines()[-1]})") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial.nii.gz")
+    sitk.WriteImage(image, os.fspath(tmp))
+    os.replace(tmp, out)
+    return out
 
 
 def _voxels(path: Path) -> int:
@@ -65,10 +123,10 @@ class PreparedStudies:
                  bias_correction: bool | list[str] = N4_SEQUENCES, reference: str | None = None, spacing: float = 1.0) -> None:
         self.study_dir, self.prepared_dir = Path(study_dir), Path(prepared_dir)
         if not self.study_dir.is_dir():
-            raise BraTSDataError(f"{self.study_dir}: not a folder of studies (expected <study>/<series>.nii.gz)")
+            raise BraTSDataError(f"{self.study_dir}: not a folder of studies (expected <study>/<series>.nii.gz, or DICOM files below <study>/)")
         studies = sorted(d for d in self.study_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not studies:
-            raise BraTSDataError(f"{self.study_dir}: no study folder (expected <study>/<series>.nii.gz)")
+            raise BraTSDataError(f"{self.study_dir}: no study folder (expected <study>/<series>.nii.gz, or DICOM files below <study>/)")
         try:
             rules = parse_rules(series_rules)
             bias_corrected(bias_correction, MODALITIES)
@@ -78,7 +136,7 @@ class PreparedStudies:
         self.refused: dict[str, str] = {}
         for d in studies:
             try:
-                series = study_series(d, rules)
+                series = study_series(d, rules, nifti_dir=self.prepared_dir.with_name(f"{self.prepared_dir.name}_series") / d.name)
                 report = prepare_study(series, self.prepared_dir / d.name, reference=reference,
                                        bias_correction=bias_correction, case_id=d.name, spacing=float(spacing))
             except (BraTSDataError, SeriesMatchError) as e:
