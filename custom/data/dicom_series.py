@@ -5,17 +5,20 @@ Label DICOMweb datastore, and on file names by ``custom.preparation.studies``); 
 ``tools/nifti_to_dicom.py`` are described with ``custom.data.SEQUENCE_NAMES`` (T1, T1ce, T2, FLAIR).
 Where several series match one sequence (a 3D acquisition and its reformats, an axial 2D series
 beside a 3D one), the largest is used: most voxels (NIfTI) or instances (DICOM).
+:func:`dicom_series` finds the series among files on disk, :func:`dicom_to_nifti` writes one as NIfTI.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES
+
+from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES, strip_nifti_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +146,54 @@ def series_size(series: Mapping) -> int:
 def _describe(series: Mapping) -> str:
     size = f"{series['voxels']} voxels" if series.get("voxels") else f"{series.get('instances') or '?'} instances"
     return f"#{series.get('SeriesNumber', '?')} {str(series.get('SeriesDescription') or '')!r} ({size})"
+
+
+def dicom_series(folder: Path) -> list[dict]:
+    """The DICOM image series in ``folder`` and the folders below it (files of any name but NIfTI and JSON; files
+    that are not DICOM images are skipped), one dict each:
+    ``SeriesInstanceUID``, ``SeriesDescription``, ``SeriesNumber``, ``Modality``, ``voxels`` (rows x columns x
+    instances), ``files`` and ``path`` (the folder of its first file)."""
+    import pydicom
+
+    series: dict[str, dict] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not strip_nifti_suffix(p.name) and p.suffix != ".json"):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # not a DICOM file
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if not uid or "Rows" not in ds:
+            continue
+        s = series.setdefault(uid, {"SeriesInstanceUID": uid, "SeriesDescription": str(ds.get("SeriesDescription", "")),
+                                    "SeriesNumber": ds.get("SeriesNumber", "?"), "Modality": str(ds.get("Modality", "?")),
+                                    "voxels": 0, "files": [], "path": f.parent})
+        s["files"].append(f)
+        s["voxels"] += int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+    return list(series.values())
+
+
+def dicom_to_nifti(series: Mapping, out: Path) -> Path:
+    """The DICOM series ``series`` (a :func:`dicom_series` dict) written as the NIfTI file ``out`` (SimpleITK / GDCM:
+    slices sorted by position). Raises ``SeriesMatchError`` when its files do not make one volume or lie in several
+    folders."""
+    import SimpleITK as sitk
+
+    files = [os.fspath(f) for f in series["files"]]
+    folders = sorted({os.path.dirname(f) for f in files})
+    what = f"DICOM series #{series.get('SeriesNumber', '?')} {str(series.get('SeriesDescription') or '')!r} ({series['path']})"
+    if len(folders) != 1:
+        raise SeriesMatchError(f"{what}: its files lie in {len(folders)} folders; one series must lie in one folder")
+    reader = sitk.ImageSeriesReader()
+    names = reader.GetGDCMSeriesFileNames(folders[0], series["SeriesInstanceUID"]) or files
+    if len(names) != len(files):
+        raise SeriesMatchError(f"{what}: GDCM sorts {len(names)} of its {len(files)} files into one volume (mixed orientations or sizes?)")
+    reader.SetFileNames(names)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise SeriesMatchError(f"{what}: cannot be read ({str(e).strip().splitlines()[-1]})") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial.nii.gz")
+    sitk.WriteImage(image, os.fspath(tmp))
+    os.replace(tmp, out)
+    return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Mapping
 
 from custom.data.batch import CheckedCases, check_cases
-from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
+from custom.data.dicom_series import SeriesMatchError, dicom_series, dicom_to_nifti, match_series, parse_rules
 from custom.data.errors import BraTSDataError
 from custom.data.vocabulary import MODALITIES, describe_sequences, strip_nifti_suffix
 from custom.preparation.study import N4_SEQUENCES, bias_corrected, prepare_study
@@ -38,9 +38,9 @@ def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | Non
     several files of one sequence the one with the most voxels. FLAIR or T2 must be present; raises
     ``SeriesMatchError`` listing every file otherwise, or when two files of one sequence are the same size.
 
-    With ``nifti_dir``, DICOM series in ``study`` and the folders below it count too (:func:`dicom_series`: the
-    sequence from the SeriesDescription, the size rows x columns x instances); those used are written there as
-    ``<sequence>.nii.gz`` (:func:`dicom_to_nifti`)."""
+    With ``nifti_dir``, DICOM series in ``study`` and the folders below it count too
+    (``custom.data.dicom_series.dicom_series``: the sequence from the SeriesDescription, the size rows x columns x
+    instances); those used are written there as ``<sequence>.nii.gz`` (``dicom_to_nifti``)."""
     folder = Path(study)
     files = sorted(f for f in folder.iterdir() if f.is_file() and strip_nifti_suffix(f.name))
     described = [{"SeriesDescription": strip_nifti_suffix(f.name), "SeriesNumber": i + 1, "Modality": "NIfTI", "path": f,
@@ -49,54 +49,6 @@ def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | Non
         described += dicom_series(folder)
     hits = match_series(described, rules or parse_rules(None), where=f"study {folder.name}", allow_missing=True)
     return {seq: dicom_to_nifti(s, Path(nifti_dir) / f"{seq}.nii.gz") if "files" in s else s["path"] for seq, s in hits.items()}
-
-
-def dicom_series(folder: Path) -> list[dict]:
-    """The DICOM image series in ``folder`` and the folders below it (files of any name but NIfTI and JSON; files
-    that are not DICOM images are skipped), one dict each:
-    ``SeriesInstanceUID``, ``SeriesDescription``, ``SeriesNumber``, ``Modality``, ``voxels`` (rows x columns x
-    instances), ``files`` and ``path`` (the folder of its first file)."""
-    import pydicom
-
-    series: dict[str, dict] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not strip_nifti_suffix(p.name) and p.suffix != ".json"):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception:  # not a DICOM file
-            continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if not uid or "Rows" not in ds:
-            continue
-        s = series.setdefault(uid, {"SeriesInstanceUID": uid, "SeriesDescription": str(ds.get("SeriesDescription", "")),
-                                    "SeriesNumber": ds.get("SeriesNumber", "?"), "Modality": str(ds.get("Modality", "?")),
-                                    "voxels": 0, "files": [], "path": f.parent})
-        s["files"].append(f)
-        s["voxels"] += int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-    return list(series.values())
-
-
-def dicom_to_nifti(series: Mapping, out: Path) -> Path:
-    """The DICOM series ``series`` (a :func:`dicom_series` dict) written as the NIfTI file ``out`` (SimpleITK / GDCM:
-    slices sorted by position). Raises ``SeriesMatchError`` when its files do not make one volume."""
-    import SimpleITK as sitk
-
-    files = [os.fspath(f) for f in series["files"]]
-    reader = sitk.ImageSeriesReader()
-    names = [n for d in sorted({os.path.dirname(f) for f in files})
-             for n in reader.GetGDCMSeriesFileNames(d, series["SeriesInstanceUID"])] or files
-    what = f"DICOM series #{series['SeriesNumber']} {series['SeriesDescription']!r} ({series['path']})"
-    if len(names) != len(files):
-        raise SeriesMatchError(f"{what}: GDCM sorts {len(names)} of its {len(files)} files into one volume (mixed orientations or sizes?)")
-    reader.SetFileNames(names)
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise SeriesMatchError(f"{what}: cannot be read ({str(e).strip().splitlines()[-1]})") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial.nii.gz")
-    sitk.WriteImage(image, os.fspath(tmp))
-    os.replace(tmp, out)
-    return out
 
 
 def _voxels(path: Path) -> int:

@@ -82,7 +82,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, Layout
-from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
+from custom.data.dicom_series import SeriesMatchError, dicom_to_nifti, match_series, parse_rules
 from custom.preparation import PreparationError, default_reference, map_from_reference, map_to_reference, prepare_study
 from custom.preparation.study import N4_SEQUENCES, REVISION
 from lib.datastore.brats import check_label_file
@@ -266,17 +266,11 @@ class BraTSDICOMwebDatastore(DICOMWebDatastore):
         with self._lock_for(uid):
             if os.path.exists(out):
                 return out
-            reader = sitk.ImageSeriesReader()
-            names = reader.GetGDCMSeriesFileNames(os.path.dirname(files[0]), uid) or files
-            if len(names) != len(files):
-                raise HTTPException(status_code=422, detail=f"series {uid}: GDCM sorts {len(names)} of its {len(files)} instances into one volume "
-                                                            f"(mixed orientations or sizes?)")
-            reader.SetFileNames(names)
-            image = reader.Execute()
-            tmp = f"{out}.{uuid.uuid4().hex}.nii.gz"
-            sitk.WriteImage(image, tmp)
-            os.replace(tmp, out)
-            return out
+            described = {**series, "files": files, "path": os.path.dirname(files[0])}
+            try:
+                return os.fspath(dicom_to_nifti(described, pathlib.Path(out)))
+            except SeriesMatchError as e:
+                raise HTTPException(status_code=422, detail=str(e)) from e
 
     def model_input(self, image_id: str) -> List[str]:
         """The modality volumes of ``image_id`` (those the study has, see ``model_sequences``) as NIfTI
