@@ -63,9 +63,9 @@ def acquire_case(images: dict[str, np.ndarray], brain: np.ndarray, affine: np.nd
     pts = np.argwhere(covered[::4, ::4, ::4]) * 4 @ affine[:3, :3].T + affine[:3, 3]
     centre = pts.mean(0)
     out = {}
+    protocols = {**PROTOCOLS, **(protocols or {})}
     for s, img in images.items():
-        choices = {**PROTOCOLS, **(protocols or {})}[s]
-        voxel, orients = choices[int(rng.integers(len(choices)))]
+        voxel, orients = protocols[s][int(rng.integers(len(protocols[s])))]
         orientation = orients[int(rng.integers(len(orients)))]
         angles, shift = rng.uniform(-10.0, 10.0, 3), rng.uniform(-10.0, 10.0, 3)
         pose = np.eye(4)

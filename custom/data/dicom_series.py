@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-
 from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES, strip_nifti_suffix
 
 logger = logging.getLogger(__name__)

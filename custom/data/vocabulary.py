@@ -29,6 +29,7 @@ REFERENCE_ORDER = ("t1ce", "flair", "t1", "t2")
 """The reference series of a clinical study (the one the others are registered to, the brain extracted on and the
 labels written on): the first of these it holds. A T1 comes before the T2, since the brain-extraction atlas is
 T1-weighted (``benchmarks/results/preparation_n4_3_levels.md``, notes)."""
+
 SEQUENCE_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 REGIONS = ("TC", "WT", "ET")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -110,3 +111,9 @@ def strip_nifti_suffix(name: str) -> str | None:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def default_reference(sequences) -> str:
+    """The reference series of a study with ``sequences`` (names of ``MODALITIES``): the first of
+    :data:`REFERENCE_ORDER` among them. Raises ``StopIteration`` if none is."""
+    return next(s for s in REFERENCE_ORDER if s in sequences)

@@ -1,7 +1,7 @@
 """One study from the scanner -> BraTS-ready input: :func:`prepare_study`.
 
 Reads every series (:mod:`~custom.preparation.series`), extracts the brain on the reference series
-(``REFERENCE_ORDER``: T1ce, else FLAIR, else T1, else T2; :mod:`~custom.preparation.brain`), which also places the model
+(``custom.data.vocabulary.default_reference``: T1ce, else FLAIR, else T1, else T2; :mod:`~custom.preparation.brain`), which also places the model
 grid (:mod:`~custom.preparation.grid`), registers every other series rigidly onto the reference
 (:mod:`~custom.preparation.registration`), resamples all onto the grid with 0 outside the brain
 (N4 on T1, T1ce and T2 by default) and writes ``<case>_<seq>.nii.gz`` (BraTS 2021 naming), ``<case>_brainmask.nii.gz`` and
@@ -19,19 +19,12 @@ import nibabel as nib
 import numpy as np
 
 from custom.data.errors import OutputError
-from custom.data.vocabulary import LAYOUTS, MODALITIES, REFERENCE_ORDER, REQUIRED_ANY, SEQUENCE_ALIASES, describe_sequences
+from custom.data.vocabulary import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_ALIASES, default_reference, describe_sequences
 from custom.preparation.brain import METHODS, extract_brain
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import bias_correct, model_grid, resample_to_grid
 from custom.preparation.registration import identity, register_rigid, working_image
 from custom.preparation.series import image_affine, read_series
-
-
-def default_reference(sequences) -> str:
-    """The reference series of a study with ``sequences`` (names of ``MODALITIES``): the first of
-    :data:`REFERENCE_ORDER` among them. Raises ``StopIteration`` if none is."""
-    return next(s for s in REFERENCE_ORDER if s in sequences)
-
 
 LAYOUT = LAYOUTS["brats2021"]
 

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from custom.data.vocabulary import REFERENCE_ORDER
+from custom.data.vocabulary import default_reference
 from custom.synthetic.fields import rotation, smooth_field
 from custom.synthetic.generator import generate_case
 
@@ -208,7 +208,7 @@ def acquire(rng: np.random.Generator, head: np.ndarray, head_affine: np.ndarray,
 def generate_raw_study(index: int, seed: int, out_dir: str | Path, size: str = "full", sequences=("t1", "t1ce", "t2", "flair"),
                        voxel_scale: float = 1.0, max_angle: float = 10.0, max_shift: float = 10.0) -> RawStudy:
     """Write study ``index`` of dataset ``seed`` as ``<out_dir>/<case>_<seq>_raw.nii.gz`` (int16), one file per
-    sequence of ``sequences``; the reference is the first of ``REFERENCE_ORDER`` among them.
+    sequence of ``sequences``; the reference is ``custom.data.vocabulary.default_reference``'s.
 
     ``size``: grid of the underlying case (``custom.synthetic.SIZES``); ``voxel_scale`` multiplies every
     series' voxel size (2: half the resolution, for fast tests). Poses: rotation up to ``max_angle``
@@ -225,7 +225,7 @@ def generate_raw_study(index: int, seed: int, out_dir: str | Path, size: str = "
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     case = f"RawStudy_{seed:03d}_{index:05d}"
-    reference = next(s for s in REFERENCE_ORDER if s in sequences)
+    reference = default_reference(sequences)
     series, poses, acq = {}, {}, {}
     for s in sequences:
         voxel, orients = PROTOCOLS[s][int(rng.integers(len(PROTOCOLS[s])))]
