@@ -25,7 +25,7 @@ from custom.preparation import (
     register_rigid,
 )
 from custom.preparation.__main__ import main as cli
-from custom.preparation.brain import ATLAS_GUARD_MM, auto_method, extract_brain, near
+from custom.preparation.brain import ATLAS_GUARD_MM, extract_brain, near
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.grid import bias_correct, model_grid
 from custom.preparation.studies import PreparedStudies
@@ -93,19 +93,6 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
-def test_auto_brain_method_follows_the_reference_resolution():
-    """deepbet learnt from 3D series of about 1 mm: a 1 mm reference gets deepbet and the atlas, a coarser one the atlas."""
-    import SimpleITK as sitk
-
-    def image(spacing):
-        img = sitk.Image(8, 8, 8, sitk.sitkFloat32)
-        img.SetSpacing(spacing)
-        return img
-
-    assert auto_method(image((1.0, 1.0, 1.0))) == auto_method(image((0.5, 0.5, 1.2))) == "deepbet+atlas"
-    assert auto_method(image((0.9, 0.9, 5.0))) == auto_method(image((2.0, 2.0, 2.0))) == "atlas-deformable"
-
-
 def test_the_atlas_guard_reaches_its_distance_in_mm():
     """``near``: what ``deepbet+atlas`` lets deepbet keep around the atlas' brain (a ball of ATLAS_GUARD_MM, in mm, not voxels)."""
     mask = np.zeros((24, 24, 24), bool)
@@ -135,7 +122,7 @@ def test_deepbet_and_the_atlas_on_a_raw_head(study):
 
 def test_raw_head_gets_atlas_extraction_and_skull_stripped_series_keep_their_brain(study, prepared, tmp_path):
     _, report = prepared
-    assert report["brain"]["method"] == "atlas-deformable"  # "auto" on a head with skull and scalp, 2 mm series: the atlas alone
+    assert report["brain"]["method"] == "deepbet+atlas"  # "auto" on a head with skull and scalp, whatever its voxel size (2 mm here)
     write_dataset(tmp_path / "ready", 1, seed=SEED, layout="brats2021", size="small")
     case = tmp_path / "ready" / "BraTS2021_00000"
     flair = nib.load(case / "BraTS2021_00000_flair.nii.gz")

@@ -15,7 +15,7 @@
    T1-weighted heads, weights in its wheel) on the reference; the atlas still places the grid.
 
 A series that is already skull-stripped (BraTS-ready input, research data) keeps its own brain:
-:func:`stripped_mask` (the default ``"auto"`` tries it first, then :func:`auto_method`). Methods
+:func:`stripped_mask` (the default ``"auto"`` tries it first, then :data:`AUTO_METHOD`). Methods
 (:data:`METHODS`): ``"skull-stripped"``, ``"atlas-deformable"`` (prior > 0.5 after the B-spline
 step), ``"atlas-affine"`` (after the affine step), ``"atlas+intensity"`` (the affine prior refined by
 2), ``"deepbet"`` (3 on the affine atlas' grid), ``"deepbet+atlas"`` (3, less what lies more than
@@ -42,8 +42,8 @@ from custom.preparation.registration import SEED, head_points, otsu_threshold, t
 from custom.preparation.series import RAS_TO_LPS, image_affine, image_from_array
 
 METHODS = ("auto", "skull-stripped", "atlas-affine", "atlas-deformable", "atlas+intensity", "deepbet", "deepbet+atlas")
+AUTO_METHOD = "deepbet+atlas"  # what "auto" does on a head with its skull, whatever the reference's voxel size and contrast
 ATLAS_METHODS = ("atlas-affine", "atlas-deformable", "atlas+intensity", "deepbet", "deepbet+atlas")
-DEEPBET_MAX_VOXEL_MM = 1.5  # deepbet learnt from 3D T1-weighted series of about 1 mm: "auto" gives coarser references the atlas alone
 STRIPPED_BACKGROUND_SHARE = 0.3  # of the voxels at the corners' exact value: a skull-stripped series
 STRIPPED_VOLUME_ML = (500.0, 2500.0)  # what such a series' non-background may measure to count as a brain
 BRAIN_TOP_DEPTH_MM = 12.0  # scalp + skull above the top of the brain, for the start of the atlas registration
@@ -246,12 +246,6 @@ def stripped_mask(reference: sitk.Image) -> np.ndarray | None:
     return mask if STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1] else None
 
 
-def auto_method(reference: sitk.Image) -> str:
-    """What ``"auto"`` does on a head with its skull: ``"deepbet+atlas"`` on a 3D series (no voxel side
-    over :data:`DEEPBET_MAX_VOXEL_MM`), else ``"atlas-deformable"``."""
-    return "deepbet+atlas" if max(reference.GetSpacing()) <= DEEPBET_MAX_VOXEL_MM else "atlas-deformable"
-
-
 def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", reference_work: sitk.Image | None = None) -> dict:
     """Brain mask of ``reference`` on the model grid: ``{"mask", "grid", "matrix", "metric", "volume_ml", "seconds", "method"}``.
 
@@ -259,7 +253,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
     its axes those of the head (``rotation``: reference world -> the atlas' axes) when the atlas was
     registered, else the reference's own (:func:`~custom.preparation.grid.lattice_rotation`; None: the scanner's).
     ``method`` ``"auto"``: the series' own brain if it is skull-stripped (:func:`stripped_mask`), else
-    :func:`auto_method`; ``"skull-stripped"`` raises ``PreparationError`` if it is not.
+    :data:`AUTO_METHOD`; ``"skull-stripped"`` raises ``PreparationError`` if it is not.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -278,7 +272,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
         if method == "skull-stripped":
             raise PreparationError("the reference series is not skull-stripped (no constant background around a brain-sized "
                                    "region): use brain extraction (method 'auto' or an atlas method)")
-        method = auto_method(reference)
+        method = AUTO_METHOD
     with single_threaded():
         matrix, transform, metric = atlas_prior(reference, reference_work, deformable=method in ("atlas-deformable", "deepbet+atlas"))
     tmask = template()[1]
