@@ -281,6 +281,34 @@ def test_a_study_of_dicom_series_is_read_and_prepared(study, tmp_path):
     assert prepared.reports["P9"]["reference"]["sequence"] == "t1ce" and not prepared.refused
 
 
+def test_a_dicom_series_split_over_two_folders_is_refused_and_writes_leave_no_partial_file(tmp_path):
+    """``dicom_to_nifti`` writes through a temporary file that is renamed (nothing else is left in the folder), and
+    refuses, naming the series, one whose instances lie in two folders."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from custom.data.dicom_series import SeriesMatchError, dicom_series, dicom_to_nifti
+    from tools.nifti_to_dicom import write_series
+
+    shared = Dataset()
+    shared.PatientID, shared.PatientName, shared.StudyInstanceUID = "P8", "P8", generate_uid()
+    shared.FrameOfReferenceUID, shared.StudyDate, shared.StudyTime = generate_uid(), "20261205", "120000"
+    volume = np.arange(8 * 6 * 4, dtype=np.int16).reshape(8, 6, 4)
+    write_series(volume, np.diag([1.0, 1.0, 3.0, 1.0]), tmp_path / "study" / "ax", study=shared, series_uid=generate_uid(),
+                 series_number=2, description="AX T2")
+    (series,) = dicom_series(tmp_path / "study")
+    out = dicom_to_nifti(series, tmp_path / "nifti" / "t2.nii.gz")
+    assert [p.name for p in out.parent.iterdir()] == ["t2.nii.gz"] and nib.load(out).shape == (8, 6, 4)
+    moved = tmp_path / "study" / "more"
+    moved.mkdir()
+    last = sorted(series["files"])[-1]
+    last.rename(moved / last.name)
+    (split,) = dicom_series(tmp_path / "study")
+    with pytest.raises(SeriesMatchError, match=r"#2 'AX T2'.*lie in 2 folders"):
+        dicom_to_nifti(split, tmp_path / "nifti" / "t2_split.nii.gz")
+    assert not (tmp_path / "nifti" / "t2_split.nii.gz").exists()
+
+
 def test_study_without_flair_or_t2(study, tmp_path, capsys):
     with pytest.raises(PreparationError, match="it needs FLAIR or T2") as e:
         prepare_study({"t1": study.series["t1"], "t1c": study.series["t1ce"]}, tmp_path)

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from custom.atomic_files import atomic_path
 from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES, strip_nifti_suffix
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,6 @@ def dicom_to_nifti(series: Mapping, out: Path) -> Path:
     except RuntimeError as e:
         raise SeriesMatchError(f"{what}: cannot be read ({str(e).strip().splitlines()[-1]})") from e
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial.nii.gz")
-    sitk.WriteImage(image, os.fspath(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        sitk.WriteImage(image, os.fspath(tmp))
     return out
