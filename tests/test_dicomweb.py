@@ -243,6 +243,11 @@ def test_cli_writes_study_and_rejects_non_case(synth, tmp_path, capsys):
         ("sub-01_ce-gadolinium_T1w", "t1ce"), ("sub-01_ses-pre_ce-gd_T1w", "t1ce"), ("sub-01_T1w", "t1"), ("sub-01_T2w", "t2"),
         ("UPENN-GBM-00001_11_T1GD", "t1ce"), ("BraTS-GLI-00001-000-t1c", "t1ce"), ("BraTS-GLI-00001-000-t2f", "flair"),
         ("AX T1 FLAIR", "t1"), ("T1W_FLAIR_SAG", "t1"), ("AX T1 FLAIR POST", "t1ce"), ("T2*", None), ("AX T2* GRE", None), ("T2 star", None), ("SWI", None),
+        # contrast word before the sequence, Siemens "KM", Philips "sT1W", post-operative, not structural
+        ("POST GAD AX T1", "t1ce"), ("OAx T1 FLAIR+C", "t1ce"), ("t1_se_tra_KM", "t1ce"), ("t1_fl3d_tra_KM", "t1ce"),
+        ("sT1W_3D_FFE", "t1"), ("sT1W_3D_TFE_GD", "t1ce"), ("sT2W_TSE", "t2"), ("T1 POST OP", "t1"), ("POST-OP T1 POST GD", "t1ce"),
+        ("DCE T1 perf", None), ("t1_vibe_dyn", None), ("T1 MAP", None), ("AX T1 POST MIP", None), ("T2 DWI", None), ("PD/T2", None),
+        ("ep2d_diff_trace", None),
     ],
 )
 def test_series_description_rules(description, modality):
@@ -272,11 +277,11 @@ def test_match_series_errors_list_what_was_found():
 
 def test_match_series_uses_the_largest_of_several():
     """A 3D T1ce beside its reformat and an axial 2D T1ce: the series with the most instances is used, the others
-    are named; a tie stays an error."""
+    are named; a tie stays an error. A dynamic T1 series, larger than all, is no T1."""
     rules = parse_rules(None)
     series = [{"SeriesInstanceUID": str(n), "SeriesDescription": d, "SeriesNumber": n, "Modality": "MR", "instances": k}
               for n, d, k in [(2, "AX T1 PRE GD", 24), (3, "AX FLAIR", 24), (5, "AX T1 POST GD", 24), (6, "SAG 3D T1 POST GD", 176),
-                              (7, "COR T1 POST GD MPR", 120), (8, "AX T2* GRE", 24), (9, "AX T2 FSE", 24)]]
+                              (7, "COR T1 POST GD MPR", 120), (8, "AX T2* GRE", 24), (9, "AX T2 FSE", 24), (10, "DCE T1 perf", 1200)]]
     found = match_series(series, rules, "study 1.2.3", allow_missing=True)
     assert {m: s["SeriesNumber"] for m, s in found.items()} == {"t1": 2, "t1ce": 6, "t2": 9, "flair": 3}
     assert found["t1ce"]["passed_over"] == ["#7 'COR T1 POST GD MPR' (120 instances)", "#5 'AX T1 POST GD' (24 instances)"]

@@ -26,22 +26,30 @@ logger = logging.getLogger(__name__)
 # spaces, "+" etc. separate tokens ("AX_T2_FLAIR", "t1-ce", "T1 +C").
 _B, _E = r"(?<![a-z0-9])", r"(?![a-z0-9])"
 _PRE_CONTRAST = rf"{_B}(pre|precontrast|native|nativ|without|wo|w/o|non[\s_-]*contrast|plain){_E}"
-_T1_SEQUENCE = r"(t1(w)?|mprage|spgr|fspgr|bravo|tfe)"
-_CONTRAST = r"(post|gd|gad|gado|gadolinium|contrast|ce|\+\s*c|c\+)"
+_NOT_STRUCTURAL = (rf"{_B}(perf|perfusion|dce|dsc|dyn|dynamic|dwi|dti|diff|diffusion|adc|trace|map|mapping|"
+                   rf"subtraction|mip|pd){_E}")
+_T1 = r"s?t1(w)?"  # "T1", "T1w", Philips "sT1W"
+_T1_SEQUENCE = rf"({_T1}|mp[\s_-]?rage|spgr|fspgr|bravo|tfe)"
+_CONTRAST = (rf"(?:{_B}(post(?![\s_-]*op)|gd|gad|gado|gadolinium|contrast|ce|km|c\+)"  # km: Kontrastmittel
+             rf"|\+\s*(c|gd|gad|km))(?![a-z0-9])")
 SERIES_RULES: dict[str, str] = {
-    "flair": rf"(?<!t1[\s_-])(?<!t1w[\s_-])(?<!t1)flair|{_B}t2[\s_-]*f{_E}|dark[\s_-]*fluid",
+    "flair": rf"^(?!.*{_NOT_STRUCTURAL})(?:.*(?<!t1[\s_-])(?<!t1w[\s_-])(?<!t1)flair|.*{_B}t2[\s_-]*f{_E}|.*dark[\s_-]*fluid)",
     "t1ce": (rf"{_B}ce-[a-z0-9]+{_E}.*{_B}t1w{_E}"  # BIDS: sub-01_ce-gd_T1w
-             rf"|^(?!.*{_PRE_CONTRAST})(?:.*{_B}t1(w)?[\s_-]*(ce|c|gd|gad|post|\+\s*c|\+\s*gd|\+)(?![a-z0-9])"
-             rf"|.*{_B}(ce|c|gd|gad)[\s_-]*t1(w)?{_E}"
-             rf"|.*{_B}{_T1_SEQUENCE}{_E}.*{_B}{_CONTRAST}(?![a-z0-9]))"),
-    "t2": rf"^(?!.*(\*|{_B}(star|gre|swi|ffe|fgre|hemo|haemo){_E}))(?:.*{_B}t2(w)?{_E})",
-    "t1": rf"{_B}t1(w|n)?{_E}|mprage|spgr",
+             rf"|^(?!.*({_PRE_CONTRAST}|{_NOT_STRUCTURAL}))(?:.*{_B}{_T1}[\s_-]*(ce|c|gd|gad|km|post(?![\s_-]*op)|\+\s*c|\+\s*gd|\+)(?![a-z0-9])"
+             rf"|.*{_B}(ce|c|gd|gad)[\s_-]*{_T1}{_E}"
+             rf"|.*{_B}{_T1_SEQUENCE}{_E}.*{_CONTRAST}"
+             rf"|.*{_CONTRAST}.*{_B}{_T1_SEQUENCE}{_E})"),
+    "t2": rf"^(?!.*(\*|{_B}(star|gre|swi|ffe|fgre|hemo|haemo){_E}|{_NOT_STRUCTURAL}))(?:.*{_B}s?t2(w)?{_E})",
+    "t1": rf"^(?!.*{_NOT_STRUCTURAL})(?:.*{_B}s?t1(w|n)?{_E}|.*mp[\s_-]?rage|.*spgr)",
 }
 """Default rules: a case-insensitive ``re.search`` on SeriesDescription per modality. A series goes to
 the first modality whose rule matches, tried in ``RULE_ORDER`` (FLAIR before T2, T1ce before T1, so
 "T2 FLAIR" is a FLAIR and "T1 post Gd" a T1ce). T1ce: "T1ce", "t1c", "T1 post Gd", "AX T1+C", "ceT1",
-"CT1", "MPRAGE GD", BIDS "ce-gd_T1w", but not with a pre-contrast word ("SAG T1 PRE GD", "T1 native":
-T1). FLAIR: not "T1 FLAIR" (a T1-weighted sequence). T2: not T2* ("T2*", "T2 GRE", "T2 star", SWI)."""
+"CT1", "MPRAGE GD", "POST GAD AX T1", Siemens "t1_se_tra_KM" (Kontrastmittel), BIDS "ce-gd_T1w", but not with a
+pre-contrast word ("SAG T1 PRE GD", "T1 native": T1) nor "T1 POST OP". FLAIR: not "T1 FLAIR" (a T1-weighted
+sequence). T2: not T2* ("T2*", "T2 GRE", "T2 star", SWI) nor "PD/T2". None of them: perfusion, dynamic, diffusion,
+subtraction, MIP and parameter-map series ("DCE T1", "t1_vibe_dyn", "T2 DWI", "T1 MAP"), whose many instances
+would otherwise make them the largest series of their sequence."""
 RULE_ORDER = ("flair", "t1ce", "t2", "t1")
 
 
