@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from custom.data import LAYOUTS, MODALITIES, BraTSDataError
 from custom.preparation import (
@@ -29,7 +30,7 @@ from custom.preparation.brain import ATLAS_GUARD_MM, extract_brain, near
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.grid import bias_correct, model_grid
 from custom.preparation.studies import PreparedStudies
-from custom.preparation.study import N4_SEQUENCES, bias_corrected
+from custom.preparation.study import N4_SEQUENCES, bias_corrected, brain_series
 from custom.synthetic import write_dataset
 from custom.synthetic.fields import rotation
 from custom.synthetic.raw_study import generate_raw_study
@@ -243,6 +244,36 @@ def test_a_t1_is_the_reference_before_a_t2(study, tmp_path):
     mask = np.asarray(mask_img.dataobj) > 0
     truth, _ = study.truth_on_grid(mask.shape, mask_img.affine, reference="t1")
     assert _dice(mask, truth) >= 0.95
+
+
+def test_the_brain_comes_from_a_3d_t1_weighted_series():
+    """The reference if it is a 3D T1-weighted series, else the first 3D one of T1ce and T1, else the reference."""
+    def series(*spacing):
+        img = sitk.Image(8, 8, 8, sitk.sitkFloat32)
+        img.SetSpacing(spacing)
+        return img
+
+    iso, half, thick = series(1, 1, 1), series(0.5, 0.5, 1), series(0.9, 0.9, 5)
+    assert brain_series({"t1ce": half, "flair": iso, "t1": iso}, "t1ce") == "t1ce"
+    assert brain_series({"t1ce": thick, "flair": iso, "t1": iso}, "t1ce") == "t1"
+    assert brain_series({"t1ce": iso, "flair": thick, "t1": iso}, "flair") == "t1ce"
+    assert brain_series({"t1ce": thick, "flair": thick, "t1": iso}, "flair") == "t1"
+    assert brain_series({"t1ce": thick, "flair": iso, "t1": thick}, "t1ce") == "t1ce"
+    assert brain_series({"t2": thick, "flair": thick}, "flair") == "flair"
+    assert brain_series({"t2": iso}, "t2") == "t2"
+
+
+def test_a_flair_reference_gets_its_brain_from_the_3d_t1ce(study, tmp_path):
+    """With the FLAIR as the reference, the brain is extracted on the 3D T1ce and carried onto the FLAIR through the
+    T1ce's registration: it lies on the brain in the FLAIR's world."""
+    assert study.acquisitions["t1ce"]["voxel_mm"][0] == study.acquisitions["t1ce"]["voxel_mm"][2]  # a 3D series
+    report = prepare_study(study.series, tmp_path, reference="flair", case_id="P3", spacing=SPACING)
+    assert report["reference"]["sequence"] == "flair" and report["brain"]["series"] == "t1ce"
+    mask_img = nib.load(tmp_path / report["brain"]["mask"])
+    mask = np.asarray(mask_img.dataobj) > 0
+    truth, _ = study.truth_on_grid(mask.shape, mask_img.affine, reference="flair")
+    assert _dice(mask, truth) >= 0.95
+    assert np.allclose(mask_img.affine, np.array(report["grid"]["affine_ras"]), atol=1e-4)
 
 
 def test_a_study_of_dicom_series_is_read_and_prepared(study, tmp_path):

@@ -1,9 +1,9 @@
 """One study from the scanner -> BraTS-ready input: :func:`prepare_study`.
 
-Reads every series (:mod:`~custom.preparation.series`), extracts the brain on the reference series
-(``custom.data.vocabulary.default_reference``: T1ce, else FLAIR, else T1, else T2; :mod:`~custom.preparation.brain`), which also places the model
-grid (:mod:`~custom.preparation.grid`), registers every other series rigidly onto the reference
-(:mod:`~custom.preparation.registration`), resamples all onto the grid with 0 outside the brain
+Reads every series (:mod:`~custom.preparation.series`), registers every other series rigidly onto the reference
+(``custom.data.vocabulary.default_reference``: T1ce, else FLAIR, else T1, else T2; :mod:`~custom.preparation.registration`),
+extracts the brain (:mod:`~custom.preparation.brain`) on the series :func:`brain_series` picks, which also places the
+model grid (:mod:`~custom.preparation.grid`), resamples all onto the grid with 0 outside the brain
 (N4 on T1, T1ce and T2 by default) and writes ``<case>_<seq>.nii.gz`` (BraTS 2021 naming), ``<case>_brainmask.nii.gz`` and
 ``<case>_preparation.json``.
 """
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from custom.data.errors import OutputError
 from custom.data.vocabulary import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_ALIASES, default_reference, describe_sequences
 from custom.preparation.brain import METHODS, extract_brain
 from custom.preparation.errors import PreparationError
-from custom.preparation.grid import bias_correct, model_grid, resample_to_grid
+from custom.preparation.grid import ModelGrid, bias_correct, model_grid, resample_to_grid
 from custom.preparation.registration import identity, register_rigid, working_image
 from custom.preparation.series import image_affine, read_series
 
@@ -59,9 +60,28 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise OutputError(f"{path}: cannot be written ({e})") from e
 
 
-REVISION = 2
+REVISION = 3
 """Raised whenever ``prepare_study`` writes something else for the same input (2: the grid on the reference's voxel
-lattice, N4 in 3 levels and on the T2 too); in the report, and in the DICOMweb datastore's cache key."""
+lattice, N4 in 3 levels and on the T2 too; 3: the brain from a 3D T1-weighted series where the reference is not one);
+in the report, and in the DICOMweb datastore's cache key."""
+T1_WEIGHTED = ("t1ce", "t1")
+"""The sequences brain extraction prefers, in this order: deepbet learnt from T1-weighted heads, and the head model is one."""
+MAX_3D_ANISOTROPY = 2.0
+"""A series counts as 3D when its longest voxel side is at most this many times its shortest (1 x 1 x 1 mm, 0.5 x 0.5 x
+1 mm); 2D series of 3-6 mm slices are 3-12 times as long across the slices as in plane."""
+
+
+def brain_series(images: dict[str, sitk.Image], reference: str) -> str:
+    """The series to extract the brain on: the ``reference`` if it is a 3D T1-weighted series (:data:`T1_WEIGHTED`,
+    :data:`MAX_3D_ANISOTROPY`), else the first 3D T1-weighted series of ``images`` (sequence -> series), else the
+    reference (a FLAIR or a 2D T1ce beside a 3D T1: the brain comes from the T1; a T2 alone: from the T2)."""
+    def is_3d(s: str) -> bool:
+        spacing = images[s].GetSpacing()
+        return max(spacing) <= MAX_3D_ANISOTROPY * min(spacing)
+
+    if reference in T1_WEIGHTED and is_3d(reference):
+        return reference
+    return next((s for s in T1_WEIGHTED if s in images and is_3d(s)), reference)
 N4_SEQUENCES = ("t1", "t1ce", "t2")
 """The series N4 corrects by default: all but the FLAIR, on which N4 takes part of a large oedema's brightness for
 bias (``benchmarks/results/real_acquisition_n4.md``, ``preparation_n4_3_levels.md``)."""
@@ -128,14 +148,18 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
         images[s] = read_series(paths[s], describe_sequences([s]))
         seconds[s] = time.perf_counter() - t
     ref_work = working_image(images[reference])
-    lattice = image_affine(images[reference])
-    brain = extract_brain(images[reference], lambda points, rotation: model_grid(points, spacing, rotation, lattice=lattice), brain_method, ref_work)
-    grid, mask = brain["grid"], brain["mask"]
-    if not mask.any():
-        raise PreparationError(f"{describe_sequences([reference])} series: no brain found")
     regs = {reference: identity(reference)}
     for s in order[1:]:
         regs[s] = register_rigid(images[reference], images[s], describe_sequences([s]), fixed_work=ref_work)
+    on = brain_series(images, reference)
+    lattice = image_affine(images[on])
+    brain = extract_brain(images[on], lambda points, rotation: model_grid(points, spacing, rotation, lattice=lattice), brain_method,
+                          ref_work if on == reference else None)
+    grid, mask = brain["grid"], brain["mask"]
+    if not mask.any():
+        raise PreparationError(f"{describe_sequences([on])} series: no brain found")
+    if on != reference:  # the grid from that series' world into the reference's
+        grid = ModelGrid(grid.shape, np.linalg.inv(regs[on].matrix) @ grid.affine)
     report_series = {}
     for s in order:
         t = time.perf_counter()
@@ -156,7 +180,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     report = {
         "case_id": case_id, "revision": REVISION, "sequences": order,
         "reference": {"sequence": reference, **{k: report_series[reference][k] for k in ("source", "shape", "voxel_mm", "axes", "affine_ras")}},
-        "grid": grid.to_dict(), "brain": {"mask": mask_name, "volume_ml": round(brain["volume_ml"], 1), "method": brain["method"],
+        "grid": grid.to_dict(), "brain": {"mask": mask_name, "volume_ml": round(brain["volume_ml"], 1), "method": brain["method"], "series": on,
                                           "atlas_mutual_information": None if np.isnan(brain["metric"]) else round(brain["metric"], 4),
                                           "seconds": round(brain["seconds"], 2)},
         "bias_correction": corrected, "series": report_series, "seconds": round(time.perf_counter() - t0, 2),
