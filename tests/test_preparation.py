@@ -247,9 +247,13 @@ def test_a_t1_is_the_reference_before_a_t2(study, tmp_path):
 
 
 def test_the_brain_comes_from_a_3d_t1_weighted_series():
-    """The reference if it is a 3D T1-weighted series, else the first 3D one of T1ce and T1, else the reference."""
-    def series(*spacing):
-        img = sitk.Image(8, 8, 8, sitk.sitkFloat32)
+    """The reference if it is a 3D T1-weighted series or skull-stripped, else the first 3D one of T1ce and T1, else
+    the reference."""
+    def series(*spacing, brain=False):
+        a = np.zeros((8, 8, 8), np.float32)
+        if brain:  # a 4 x 4 x 4-voxel brain in a constant background: 1866 mL at 18 x 18 x 90 mm
+            a[2:6, 2:6, 2:6] = 1.0
+        img = sitk.GetImageFromArray(a)
         img.SetSpacing(spacing)
         return img
 
@@ -261,6 +265,8 @@ def test_the_brain_comes_from_a_3d_t1_weighted_series():
     assert brain_series({"t1ce": thick, "flair": iso, "t1": thick}, "t1ce") == "t1ce"
     assert brain_series({"t2": thick, "flair": thick}, "flair") == "flair"
     assert brain_series({"t2": iso}, "t2") == "t2"
+    assert brain_series({"flair": series(18, 18, 90, brain=True), "t1": iso}, "flair") == "flair"
+    assert brain_series({"flair": series(18, 18, 90), "t1": iso}, "flair") == "t1"
 
 
 def test_a_flair_reference_gets_its_brain_from_the_3d_t1ce(study, tmp_path):

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from custom.data.errors import OutputError
 from custom.data.vocabulary import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_ALIASES, default_reference, describe_sequences
-from custom.preparation.brain import METHODS, extract_brain
+from custom.preparation.brain import METHODS, extract_brain, stripped_mask
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import ModelGrid, bias_correct, model_grid, resample_to_grid
 from custom.preparation.registration import identity, register_rigid, working_image
@@ -73,15 +73,17 @@ MAX_3D_ANISOTROPY = 2.0
 
 def brain_series(images: dict[str, sitk.Image], reference: str) -> str:
     """The series to extract the brain on: the ``reference`` if it is a 3D T1-weighted series (:data:`T1_WEIGHTED`,
-    :data:`MAX_3D_ANISOTROPY`), else the first 3D T1-weighted series of ``images`` (sequence -> series), else the
-    reference (a FLAIR or a 2D T1ce beside a 3D T1: the brain comes from the T1; a T2 alone: from the T2)."""
+    :data:`MAX_3D_ANISOTROPY`) or skull-stripped (its own brain, and its own axes for the grid), else the first 3D
+    T1-weighted series of ``images`` (sequence -> series), else the reference (a FLAIR or a 2D T1ce beside a 3D T1:
+    the brain comes from the T1; a T2 alone: from the T2)."""
     def is_3d(s: str) -> bool:
         spacing = images[s].GetSpacing()
         return max(spacing) <= MAX_3D_ANISOTROPY * min(spacing)
 
     if reference in T1_WEIGHTED and is_3d(reference):
         return reference
-    return next((s for s in T1_WEIGHTED if s in images and is_3d(s)), reference)
+    other = next((s for s in T1_WEIGHTED if s in images and is_3d(s)), None)
+    return reference if other is None or stripped_mask(images[reference]) is not None else other
 N4_SEQUENCES = ("t1", "t1ce", "t2")
 """The series N4 corrects by default: all but the FLAIR, on which N4 takes part of a large oedema's brightness for
 bias (``benchmarks/results/real_acquisition_n4.md``, ``preparation_n4_3_levels.md``)."""
