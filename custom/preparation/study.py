@@ -69,21 +69,6 @@ T1_WEIGHTED = ("t1ce", "t1")
 MAX_3D_ANISOTROPY = 2.0
 """A series counts as 3D when its longest voxel side is at most this many times its shortest (1 x 1 x 1 mm, 0.5 x 0.5 x
 1 mm); 2D series of 3-6 mm slices are 3-12 times as long across the slices as in plane."""
-
-
-def brain_series(images: dict[str, sitk.Image], reference: str) -> str:
-    """The series to extract the brain on: the ``reference`` if it is a 3D T1-weighted series (:data:`T1_WEIGHTED`,
-    :data:`MAX_3D_ANISOTROPY`) or skull-stripped (its own brain, and its own axes for the grid), else the first 3D
-    T1-weighted series of ``images`` (sequence -> series), else the reference (a FLAIR or a 2D T1ce beside a 3D T1:
-    the brain comes from the T1; a T2 alone: from the T2)."""
-    def is_3d(s: str) -> bool:
-        spacing = images[s].GetSpacing()
-        return max(spacing) <= MAX_3D_ANISOTROPY * min(spacing)
-
-    if reference in T1_WEIGHTED and is_3d(reference):
-        return reference
-    other = next((s for s in T1_WEIGHTED if s in images and is_3d(s)), None)
-    return reference if other is None or stripped_mask(images[reference]) is not None else other
 N4_SEQUENCES = ("t1", "t1ce", "t2")
 """The series N4 corrects by default: all but the FLAIR, on which N4 takes part of a large oedema's brightness for
 bias (``benchmarks/results/real_acquisition_n4.md``, ``preparation_n4_3_levels.md``)."""
@@ -116,6 +101,21 @@ def bias_corrected(bias_correction, sequences) -> list[str]:
     return [s for s in sequences if s in wanted]
 
 
+def brain_series(images: dict[str, sitk.Image], reference: str) -> str:
+    """The series to extract the brain on: the ``reference`` if it is a 3D T1-weighted series (:data:`T1_WEIGHTED`,
+    :data:`MAX_3D_ANISOTROPY`) or skull-stripped (its own brain, and its own axes for the grid), else the first 3D
+    T1-weighted series of ``images`` (sequence -> series), else the reference (a FLAIR or a 2D T1ce beside a 3D T1:
+    the brain comes from the T1; a T2 alone: from the T2)."""
+    def is_3d(s: str) -> bool:
+        spacing = images[s].GetSpacing()
+        return max(spacing) <= MAX_3D_ANISOTROPY * min(spacing)
+
+    if reference in T1_WEIGHTED and is_3d(reference):
+        return reference
+    other = next((s for s in T1_WEIGHTED if s in images and is_3d(s)), None)
+    return reference if other is None or stripped_mask(images[reference]) is not None else other
+
+
 def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | None = None, bias_correction: bool | list[str] = N4_SEQUENCES,
                   case_id: str = "case", spacing: float = 1.0, brain_method: str = "auto") -> dict:
     """Prepare one study; returns the report (also written as ``<out_dir>/<case_id>_preparation.json``).
@@ -125,7 +125,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     FLAIR, else T1, else T2). ``bias_correction``: N4 on the named series (default :data:`N4_SEQUENCES`), on every
     series (``True``) or on none (``False``). ``spacing``: the model grid's voxel size (mm). Report: per series its file, grid
     and registration (rotation in degrees, translation in mm, mutual information, seconds); the
-    reference and the model grid; the brain volume (mL) and method; total seconds.
+    reference and the model grid; the brain volume (mL), method and the series it was extracted on; total seconds.
     Raises :class:`PreparationError` for a study that cannot be prepared.
     """
     t0 = time.perf_counter()
