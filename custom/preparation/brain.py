@@ -5,7 +5,9 @@
    download; brain mask: template > 0.2, nilearn's own definition) inside a dark shell (CSF and
    bone) and a bright one (scalp): nilearn has no template with the head. Mattes mutual information
    over the reference's head on 2 mm working images: similarity (three starting scales, the top of
-   the brain 12 mm under the top of the head), then affine, then optionally a coarse B-spline.
+   the brain 12 mm under the top of the head; the result of highest mutual information goes on, or, of
+   those near it, the one whose brain agrees best with deepbet's, 3), then affine, then optionally a
+   coarse B-spline.
    Without the shells (brain template, moving mask) the optimum is a brain too small: its mutual
    information is higher than the true alignment's.
 2. :func:`refine_mask` on the model grid: the intracranial space, i.e. voxels brighter than bone
@@ -19,8 +21,8 @@ A series that is already skull-stripped (BraTS-ready input, research data) keeps
 (:data:`METHODS`): ``"skull-stripped"``, ``"atlas-deformable"`` (prior > 0.5 after the B-spline
 step), ``"atlas-affine"`` (after the affine step), ``"atlas+intensity"`` (the affine prior refined by
 2), ``"deepbet"`` (3 on the affine atlas' grid), ``"deepbet+atlas"`` (3, less what lies more than
-:data:`ATLAS_GUARD_MM` outside 1: deepbet learnt from real heads, the head model's shells are made up,
-so the atlas only vetoes gross errors such as eyes or neck);
+:data:`ATLAS_GUARD_MM` outside 1, whose start 3 chose: deepbet learnt from real heads, the head model's
+shells are made up, so the atlas only vetoes gross errors such as eyes or neck);
 measured against each other by ``benchmarks/preparation.py``.
 """
 
@@ -51,6 +53,7 @@ SHELL_MM = (5.0, 7.0)  # the head model's CSF-and-bone and scalp layers around t
 BORDER_GROWTH_MM = 20.0  # how far the grid grows past a brain that reaches its border
 BSPLINE_ITERATIONS = 25  # of the coarse deformable step, on 4 mm images
 ATLAS_GUARD_MM = 3.0  # "deepbet+atlas": how far outside the atlas' brain deepbet's brain may reach
+START_METRIC_SHARE = 0.75  # "deepbet+atlas": of the best start's mutual information, what a start needs for deepbet to choose it
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,13 +107,26 @@ def _stage(fixed, moving, transform, levels, fixed_mask):
     return out, -float(reg.GetMetricValue())
 
 
+def overlap(fixed: sitk.Image, transform: sitk.Transform, brain: sitk.Image) -> float:
+    """Dice of the template's brain carried onto ``fixed``'s grid by ``transform`` (``fixed`` world ->
+    template world) with ``brain`` (a mask in the same world, any grid)."""
+    a = sitk.GetArrayViewFromImage(sitk.Resample(template()[1], fixed, transform, sitk.sitkLinear, 0.0)) > 0.5
+    b = sitk.GetArrayViewFromImage(sitk.Resample(brain, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
 def atlas_prior(reference: sitk.Image, reference_work: sitk.Image | None = None, spacing: float = 2.0,
-                deformable: bool = True) -> tuple[np.ndarray, sitk.Transform, float]:
+                deformable: bool = True, brain_mask: sitk.Image | None = None) -> tuple[np.ndarray, sitk.Transform, float]:
     """The template registered onto ``reference``: ``(affine, transform, metric)``.
 
     ``affine``: 4x4 RAS matrix, reference world -> template world; ``transform``: the same with, if
     ``deformable``, a coarse B-spline step first (control points every ~50 mm); ``metric``: final
-    mutual information (nats).
+    mutual information (nats). Of the similarity stage's starting scales, the result with the highest
+    mutual information goes on, or, given ``brain_mask`` (the reference's brain by another method, e.g.
+    deepbet's; a mask in the reference world), of those reaching :data:`START_METRIC_SHARE` of it, the one
+    whose brain overlaps ``brain_mask`` most (:func:`overlap`): on some heads, and on T2s, the highest
+    mutual information is a brain a fifth too small; where deepbet takes scalp, a start far below the best
+    mutual information would follow it.
     """
     fw = reference_work if reference_work is not None else working_image(reference, spacing)
     mw = working_image(template()[0], spacing)
@@ -118,16 +134,16 @@ def atlas_prior(reference: sitk.Image, reference_work: sitk.Image | None = None,
     fmask = sitk.BinaryDilate(sitk.Cast(fw > otsu_threshold(sitk.GetArrayFromImage(fw)), sitk.sitkUInt8), [3] * 3)  # the head
     brain, brain_width = _anchor(head_points(mw), BRAIN_TOP_DEPTH_MM)
     s0 = float(np.clip(brain_width / max(head_width, 1.0), 0.8, 1.25))
-    best = None
+    found = []
     for scale in (s0 * 0.9, s0, s0 * 1.1):  # the likeliest local optimum is a brain too small or too large
         sim = sitk.Similarity3DTransform()
         sim.SetCenter([float(v) for v in head])
         sim.SetScale(float(scale))
         sim.SetTranslation([float(v) for v in brain - head])
-        found = _stage(fw, mw, sim, (4, 2), fmask)
-        if best is None or found[1] > best[1]:
-            best = found
-    sim = best[0]
+        found.append(_stage(fw, mw, sim, (4, 2), fmask))
+    sim, top = max(found, key=lambda f: f[1])
+    if brain_mask is not None:
+        sim = max((f for f in found if f[1] >= min(top, START_METRIC_SHARE * top)), key=lambda f: overlap(fw, f[0], brain_mask))[0]
     aff = sitk.AffineTransform(3)
     s = sitk.Similarity3DTransform(sim)
     aff.SetCenter(s.GetCenter())
@@ -273,8 +289,13 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
             raise PreparationError("the reference series is not skull-stripped (no constant background around a brain-sized "
                                    "region): use brain extraction (method 'auto' or an atlas method)")
         method = AUTO_METHOD
+    net = None
+    if method in ("deepbet", "deepbet+atlas"):
+        net_mask, net_affine = deepbet_mask(reference)
+        net = image_from_array(net_mask.astype(np.uint8), net_affine, np.uint8)
     with single_threaded():
-        matrix, transform, metric = atlas_prior(reference, reference_work, deformable=method in ("atlas-deformable", "deepbet+atlas"))
+        matrix, transform, metric = atlas_prior(reference, reference_work, deformable=method in ("atlas-deformable", "deepbet+atlas"),
+                                                brain_mask=net if method == "deepbet+atlas" else None)
     tmask = template()[1]
     pts = np.argwhere(np.transpose(sitk.GetArrayFromImage(tmask), (2, 1, 0)) > 0.5)
     world = pts @ image_affine(tmask)[:3, :3].T + image_affine(tmask)[:3, 3]
@@ -294,9 +315,8 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
         prior = prior_on_grid(transform, grid)
     if method == "atlas+intensity":
         mask = refine_mask(resample_to_grid(reference, grid), prior, grid.spacing)
-    elif method in ("deepbet", "deepbet+atlas"):
-        net, net_affine = deepbet_mask(reference)
-        mask = resample_to_grid(image_from_array(net.astype(np.uint8), net_affine, np.uint8), grid, label=True) > 0
+    elif net is not None:
+        mask = resample_to_grid(net, grid, label=True) > 0
         if method == "deepbet+atlas":
             mask &= near(prior > 0.5, ATLAS_GUARD_MM, grid.spacing)
     else:
