@@ -377,6 +377,44 @@ def test_a_dicom_series_split_over_two_folders_is_refused_and_writes_leave_no_pa
     assert not (tmp_path / "nifti" / "t2_split.nii.gz").exists()
 
 
+def test_a_dicom_series_with_a_missing_slice_is_put_on_even_slices_and_two_echoes_in_one_series_are_refused(tmp_path):
+    """Slice 5 of 10 (3 mm apart) missing: GDCM alone would stack the 9 left at 3.375 mm, those past the gap up to 2.6 mm
+    from where they were acquired; ``dicom_to_nifti`` gives 10 slices 3 mm apart, the missing one interpolated between its
+    neighbours (here, voxel values linear along the slices, the volume as acquired). Two echoes at the same positions in
+    one series are refused."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from custom.data.dicom_series import SeriesMatchError, dicom_series, dicom_to_nifti
+    from tools.nifti_to_dicom import write_series
+
+    shared = Dataset()
+    shared.PatientID, shared.PatientName, shared.StudyInstanceUID = "P7", "P7", generate_uid()
+    shared.FrameOfReferenceUID, shared.StudyDate, shared.StudyTime = generate_uid(), "20261206", "120000"
+    volume = (np.arange(10, dtype=np.int16)[None, None, :] * 10 + np.arange(8 * 6, dtype=np.int16).reshape(8, 6, 1)).astype(np.int16)
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    files = write_series(volume, affine, tmp_path / "gap", study=shared, series_uid=generate_uid(), series_number=3, description="AX T2")
+    by_z = sorted(files, key=lambda f: float(dcmread(f).ImagePositionPatient[2]))
+    Path(by_z[4]).unlink()
+    (series,) = dicom_series(tmp_path / "gap")
+    out = nib.as_closest_canonical(nib.load(dicom_to_nifti(series, tmp_path / "nifti" / "t2.nii.gz")))
+    assert out.shape == (8, 6, 10) and np.allclose(out.header.get_zooms(), (1.0, 1.0, 3.0))
+    assert np.allclose(out.affine, affine, atol=1e-3) and np.array_equal(np.asarray(out.dataobj), volume)
+
+    uid = generate_uid()
+    for echo in (1, 2):
+        for f in write_series(volume + 1000 * echo, affine, tmp_path / f"echo{echo}", study=shared, series_uid=uid, series_number=4,
+                              description="AX T2 DUAL ECHO"):
+            (tmp_path / "echoes").mkdir(exist_ok=True)
+            Path(f).rename(tmp_path / "echoes" / f"e{echo}_{Path(f).name}")
+    (both,) = dicom_series(tmp_path / "echoes")
+    assert len(both["files"]) == 20
+    with pytest.raises(SeriesMatchError, match=r"#4 'AX T2 DUAL ECHO'.*lie where another one does"):
+        dicom_to_nifti(both, tmp_path / "nifti" / "echoes.nii.gz")
+    assert not (tmp_path / "nifti" / "echoes.nii.gz").exists()
+
+
 def test_study_without_flair_or_t2(study, tmp_path, capsys):
     with pytest.raises(PreparationError, match="it needs FLAIR or T2") as e:
         prepare_study({"t1": study.series["t1"], "t1c": study.series["t1ce"]}, tmp_path)
