@@ -415,6 +415,30 @@ def test_a_dicom_series_with_a_missing_slice_is_put_on_even_slices_and_two_echoe
     assert not (tmp_path / "nifti" / "echoes.nii.gz").exists()
 
 
+def test_a_folder_whose_dicom_series_come_from_two_studies_is_refused_naming_them(tmp_path):
+    """A patient's download with two dates in one folder: its FLAIR of one study and T1ce of another are not mixed; a
+    series no rule maps (a localizer of a third study) does not count."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from custom.data.dicom_series import SeriesMatchError
+    from custom.preparation.studies import study_series
+    from tools.nifti_to_dicom import write_series
+
+    volume = np.zeros((8, 6, 4), np.int16)
+    for i, (date, name) in enumerate([("20240101", "AX T2 FLAIR"), ("20250301", "AX T1 POST GD"), ("20250302", "localizer")]):
+        shared = Dataset()
+        shared.PatientID, shared.PatientName, shared.StudyInstanceUID = "P6", "P6", generate_uid()
+        shared.FrameOfReferenceUID, shared.StudyDate, shared.StudyTime = generate_uid(), date, "120000"
+        shared.StudyDescription = f"MR HEAD {date[:4]}"
+        write_series(volume, np.eye(4), tmp_path / "P6" / f"s{i}", study=shared, series_uid=generate_uid(), series_number=i + 1,
+                     description=name)
+    with pytest.raises(SeriesMatchError, match=r"study P6: its DICOM series come from 2 studies \(20240101 'MR HEAD 2024' \(1 series.*"
+                                               r"20250301 'MR HEAD 2025' \(1 series.*a folder of its own"):
+        study_series(tmp_path / "P6", nifti_dir=tmp_path / "nifti")
+    assert not (tmp_path / "nifti").exists()
+
+
 def test_study_without_flair_or_t2(study, tmp_path, capsys):
     with pytest.raises(PreparationError, match="it needs FLAIR or T2") as e:
         prepare_study({"t1": study.series["t1"], "t1c": study.series["t1ce"]}, tmp_path)

@@ -160,7 +160,8 @@ def dicom_series(folder: Path) -> list[dict]:
     """The DICOM image series in ``folder`` and the folders below it (files of any name but NIfTI and JSON; files
     that are not DICOM images are skipped), one dict each:
     ``SeriesInstanceUID``, ``SeriesDescription``, ``SeriesNumber``, ``Modality``, ``voxels`` (rows x columns x
-    instances), ``files`` and ``path`` (the folder of its first file)."""
+    instances), ``files``, ``path`` (the folder of its first file) and ``StudyInstanceUID``, ``StudyDate``,
+    ``StudyDescription`` (of its first file)."""
     import pydicom
 
     series: dict[str, dict] = {}
@@ -174,7 +175,8 @@ def dicom_series(folder: Path) -> list[dict]:
             continue
         s = series.setdefault(uid, {"SeriesInstanceUID": uid, "SeriesDescription": str(ds.get("SeriesDescription", "")),
                                     "SeriesNumber": ds.get("SeriesNumber", "?"), "Modality": str(ds.get("Modality", "?")),
-                                    "voxels": 0, "files": [], "path": f.parent})
+                                    "voxels": 0, "files": [], "path": f.parent, "StudyInstanceUID": str(ds.get("StudyInstanceUID", "")),
+                                    "StudyDate": str(ds.get("StudyDate", "")), "StudyDescription": str(ds.get("StudyDescription", ""))})
         s["files"].append(f)
         s["voxels"] += int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
     return list(series.values())

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Mapping
 
 from custom.data.batch import CheckedCases, check_cases
-from custom.data.dicom_series import SeriesMatchError, dicom_series, dicom_to_nifti, match_series, parse_rules
+from custom.data.dicom_series import SeriesMatchError, classify, dicom_series, dicom_to_nifti, match_series, parse_rules
 from custom.data.errors import BraTSDataError
 from custom.data.vocabulary import MODALITIES, describe_sequences, strip_nifti_suffix
 from custom.preparation.study import N4_SEQUENCES, bias_corrected, prepare_study
@@ -40,14 +40,26 @@ def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | Non
 
     With ``nifti_dir``, DICOM series in ``study`` and the folders below it count too
     (``custom.data.dicom_series.dicom_series``: the sequence from the SeriesDescription, the size rows x columns x
-    instances); those used are written there as ``<sequence>.nii.gz`` (``dicom_to_nifti``)."""
+    instances); those used are written there as ``<sequence>.nii.gz`` (``dicom_to_nifti``). DICOM series of a
+    sequence from more than one study (StudyInstanceUID: a patient's folder with two dates) raise ``SeriesMatchError``."""
     folder = Path(study)
+    rules = rules or parse_rules(None)
     files = sorted(f for f in folder.iterdir() if f.is_file() and strip_nifti_suffix(f.name))
     described = [{"SeriesDescription": strip_nifti_suffix(f.name), "SeriesNumber": i + 1, "Modality": "NIfTI", "path": f,
                   "voxels": _voxels(f)} for i, f in enumerate(files)]
     if nifti_dir is not None:
-        described += dicom_series(folder)
-    hits = match_series(described, rules or parse_rules(None), where=f"study {folder.name}", allow_missing=True)
+        found = dicom_series(folder)
+        by_study: dict[str, list[Mapping]] = {}
+        for s in found:
+            if classify(s["SeriesDescription"], rules):
+                by_study.setdefault(s["StudyInstanceUID"], []).append(s)
+        if len(by_study) > 1:
+            listing = "; ".join(f"{s[0]['StudyDate'] or 'no date'} {s[0]['StudyDescription']!r} ({len(s)} series, {uid})"
+                                for uid, s in sorted(by_study.items(), key=lambda kv: kv[1][0]["StudyDate"]))
+            raise SeriesMatchError(f"study {folder.name}: its DICOM series come from {len(by_study)} studies ({listing}): "
+                                   f"put each study in a folder of its own, so that series of different dates are not mixed")
+        described += found
+    hits = match_series(described, rules, where=f"study {folder.name}", allow_missing=True)
     return {seq: dicom_to_nifti(s, Path(nifti_dir) / f"{seq}.nii.gz") if "files" in s else s["path"] for seq, s in hits.items()}
 
 
