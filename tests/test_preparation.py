@@ -355,7 +355,8 @@ def test_a_dicom_series_split_over_two_folders_is_refused_and_writes_leave_no_pa
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
-    from custom.data.dicom_series import SeriesMatchError, dicom_series, dicom_to_nifti
+    from custom.data.dicom_files import dicom_series, dicom_to_nifti
+    from custom.data.dicom_series import SeriesMatchError
     from tools.nifti_to_dicom import write_series
 
     shared = Dataset()
@@ -386,7 +387,8 @@ def test_a_dicom_series_with_a_missing_slice_is_put_on_even_slices_and_two_echoe
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
-    from custom.data.dicom_series import SeriesMatchError, dicom_series, dicom_to_nifti
+    from custom.data.dicom_files import dicom_series, dicom_to_nifti
+    from custom.data.dicom_series import SeriesMatchError
     from tools.nifti_to_dicom import write_series
 
     shared = Dataset()

@@ -5,7 +5,9 @@
 * :mod:`custom.data.nifti`: NIfTI files checked before their voxels are read;
 * :mod:`custom.data.cases`: a dataset folder's layout and cases;
 * :mod:`custom.data.datalist`: cross-validation datalists;
-* :mod:`custom.data.batch`: checks and summary of a batch inference run.
+* :mod:`custom.data.batch`: checks and summary of a batch inference run;
+* :mod:`custom.data.dicom_series`: which DICOM series (by SeriesDescription) is which sequence;
+* :mod:`custom.data.dicom_files`: the DICOM series among files on disk, and one as a NIfTI volume.
 """
 
 from custom.data.cases import (

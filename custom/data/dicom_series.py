@@ -5,20 +5,18 @@ Label DICOMweb datastore, and on file names by ``custom.preparation.studies``); 
 ``tools/nifti_to_dicom.py`` are described with ``custom.data.SEQUENCE_NAMES`` (T1, T1ce, T2, FLAIR).
 Where several series match one sequence (a 3D acquisition and its reformats, an axial 2D series
 beside a 3D one), the largest is used: most voxels (NIfTI) or instances (DICOM).
-:func:`dicom_series` finds the series among files on disk, :func:`dicom_to_nifti` writes one as NIfTI.
+:mod:`custom.data.dicom_files` finds the series among files on disk and writes one as NIfTI.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from custom.atomic_files import atomic_path
-from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES, strip_nifti_suffix
+from custom.data.vocabulary import MODALITIES, REQUIRED_ANY, SEQUENCE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -154,117 +152,3 @@ def series_size(series: Mapping) -> int:
 def _describe(series: Mapping) -> str:
     size = f"{series['voxels']} voxels" if series.get("voxels") else f"{series.get('instances') or '?'} instances"
     return f"#{series.get('SeriesNumber', '?')} {str(series.get('SeriesDescription') or '')!r} ({size})"
-
-
-def dicom_series(folder: Path) -> list[dict]:
-    """The DICOM image series in ``folder`` and the folders below it (files of any name but NIfTI and JSON; files
-    that are not DICOM images are skipped), one dict each:
-    ``SeriesInstanceUID``, ``SeriesDescription``, ``SeriesNumber``, ``Modality``, ``voxels`` (rows x columns x
-    instances), ``files``, ``path`` (the folder of its first file) and ``StudyInstanceUID``, ``StudyDate``,
-    ``StudyDescription`` (of its first file)."""
-    import pydicom
-
-    series: dict[str, dict] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not strip_nifti_suffix(p.name) and p.suffix != ".json"):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception:  # not a DICOM file
-            continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if not uid or "Rows" not in ds:
-            continue
-        s = series.setdefault(uid, {"SeriesInstanceUID": uid, "SeriesDescription": str(ds.get("SeriesDescription", "")),
-                                    "SeriesNumber": ds.get("SeriesNumber", "?"), "Modality": str(ds.get("Modality", "?")),
-                                    "voxels": 0, "files": [], "path": f.parent, "StudyInstanceUID": str(ds.get("StudyInstanceUID", "")),
-                                    "StudyDate": str(ds.get("StudyDate", "")), "StudyDescription": str(ds.get("StudyDescription", ""))})
-        s["files"].append(f)
-        s["voxels"] += int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-    return list(series.values())
-
-
-SLICE_STEP_TOLERANCE = 0.1
-"""How far (share of the median) the distance between consecutive slices may stray before a series counts as unevenly
-spaced (ITK flags deviations of a rounding error's size)."""
-
-
-def slice_positions(files: Sequence[str]) -> list[float] | None:
-    """Positions (mm) of ``files``' slices along the normal of the first one's ImageOrientationPatient, in ``files``'
-    order; None where a file has no position or orientation."""
-    import numpy as np
-    import pydicom
-
-    positions, normal = [], None
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            return None
-        if normal is None:
-            o = np.array(ds.ImageOrientationPatient, float)
-            normal = np.cross(o[:3], o[3:])
-        positions.append(float(np.dot(np.array(ds.ImagePositionPatient, float), normal)))
-    return positions
-
-
-def regular_slices(image, positions: Sequence[float], what: str):
-    """``image`` (a SimpleITK volume whose k-th slice lies at ``positions[k]`` mm along its third axis) on evenly spaced
-    slices: the median distance between neighbours, from the first slice to the last, each interpolated linearly between
-    the two acquired slices around it (as 3D Slicer's acquisition-geometry regularisation does). Raises
-    ``SeriesMatchError`` where two slices share a position (several echoes or acquisitions in one series) or the order
-    is not monotonic."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    z = np.abs(np.asarray(positions, float) - positions[0])
-    steps = np.diff(z)
-    step = float(np.median(steps))
-    if step <= 0 or steps.min() < SLICE_STEP_TOLERANCE * step:
-        raise SeriesMatchError(f"{what}: {int((steps < SLICE_STEP_TOLERANCE * max(step, 1e-6)).sum())} of its slices lie where another "
-                               f"one does (several echoes or acquisitions in one series?): export them as separate series")
-    n = int(round(z[-1] / step)) + 1
-    target = np.arange(n) * step
-    k = np.clip(np.searchsorted(z, target, side="right") - 1, 0, len(z) - 2)
-    w = ((target - z[k]) / (z[k + 1] - z[k])).astype(np.float32)[:, None, None]
-    a = sitk.GetArrayFromImage(image).astype(np.float32)  # (K, J, I)
-    data = (1 - w) * a[k] + w * a[k + 1]
-    if np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.integer):
-        data = np.rint(data)
-    out = sitk.GetImageFromArray(data.astype(sitk.GetArrayViewFromImage(image).dtype))
-    out.SetOrigin(image.GetOrigin())
-    out.SetDirection(image.GetDirection())
-    out.SetSpacing([*image.GetSpacing()[:2], step])
-    logger.warning("%s: slices unevenly spaced (%.2f to %.2f mm apart, %d acquired): resampled onto %d slices %.2f mm apart",
-                   what, steps.min(), steps.max(), len(z), n, step)
-    return out
-
-
-def dicom_to_nifti(series: Mapping, out: Path) -> Path:
-    """The DICOM series ``series`` (a :func:`dicom_series` dict) written as the NIfTI file ``out`` (SimpleITK / GDCM:
-    slices sorted by position). Unevenly spaced slices (a slice missing; :data:`SLICE_STEP_TOLERANCE`), which GDCM
-    would stack at their mean spacing, away from where they were acquired, are put on even ones
-    (:func:`regular_slices`). Raises ``SeriesMatchError`` when its files do not make one volume, lie in several
-    folders, or share slice positions."""
-    import SimpleITK as sitk
-
-    files = [os.fspath(f) for f in series["files"]]
-    folders = sorted({os.path.dirname(f) for f in files})
-    what = f"DICOM series #{series.get('SeriesNumber', '?')} {str(series.get('SeriesDescription') or '')!r} ({series['path']})"
-    if len(folders) != 1:
-        raise SeriesMatchError(f"{what}: its files lie in {len(folders)} folders; one series must lie in one folder")
-    reader = sitk.ImageSeriesReader()
-    names = reader.GetGDCMSeriesFileNames(folders[0], series["SeriesInstanceUID"]) or files
-    if len(names) != len(files):
-        raise SeriesMatchError(f"{what}: GDCM sorts {len(names)} of its {len(files)} files into one volume (mixed orientations or sizes?)")
-    reader.SetFileNames(names)
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise SeriesMatchError(f"{what}: cannot be read ({str(e).strip().splitlines()[-1]})") from e
-    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation"):  # ITK's flag, raised by rounding errors too
-        positions = slice_positions(names)
-        steps = sorted(abs(b - a) for a, b in zip(positions, positions[1:])) if positions else []
-        if steps and steps[-1] - steps[0] > SLICE_STEP_TOLERANCE * steps[len(steps) // 2]:
-            image = regular_slices(image, positions, what)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        sitk.WriteImage(image, os.fspath(tmp))
-    return out

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Mapping
 
 from custom.data.batch import CheckedCases, check_cases
-from custom.data.dicom_series import SeriesMatchError, classify, dicom_series, dicom_to_nifti, match_series, parse_rules
+from custom.data.dicom_files import dicom_series, dicom_to_nifti
+from custom.data.dicom_series import SeriesMatchError, classify, match_series, parse_rules
 from custom.data.errors import BraTSDataError
 from custom.data.vocabulary import MODALITIES, describe_sequences, strip_nifti_suffix
 from custom.preparation.study import N4_SEQUENCES, bias_corrected, prepare_study
@@ -39,7 +40,7 @@ def study_series(study: str | os.PathLike, rules: Mapping[str, re.Pattern] | Non
     ``SeriesMatchError`` listing every file otherwise, or when two files of one sequence are the same size.
 
     With ``nifti_dir``, DICOM series in ``study`` and the folders below it count too
-    (``custom.data.dicom_series.dicom_series``: the sequence from the SeriesDescription, the size rows x columns x
+    (``custom.data.dicom_files.dicom_series``: the sequence from the SeriesDescription, the size rows x columns x
     instances); those used are written there as ``<sequence>.nii.gz`` (``dicom_to_nifti``). DICOM series of a
     sequence from more than one study (StudyInstanceUID: a patient's folder with two dates) raise ``SeriesMatchError``."""
     folder = Path(study)

@@ -82,7 +82,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from custom.data import LAYOUTS, MODALITIES, SEQUENCE_NAMES, Layout
-from custom.data.dicom_series import SeriesMatchError, dicom_to_nifti, match_series, parse_rules
+from custom.data.dicom_files import dicom_to_nifti
+from custom.data.dicom_series import SeriesMatchError, match_series, parse_rules
 from custom.preparation import PreparationError, default_reference, map_from_reference, map_to_reference, prepare_study
 from custom.preparation.study import N4_SEQUENCES, REVISION
 from lib.datastore.brats import check_label_file
