@@ -381,8 +381,8 @@ def test_a_dicom_series_split_over_two_folders_is_refused_and_writes_leave_no_pa
 def test_a_dicom_series_with_a_missing_slice_is_put_on_even_slices_and_two_echoes_in_one_series_are_refused(tmp_path):
     """Slice 5 of 10 (3 mm apart) missing: GDCM alone would stack the 9 left at 3.375 mm, those past the gap up to 2.6 mm
     from where they were acquired; ``dicom_to_nifti`` gives 10 slices 3 mm apart, the missing one interpolated between its
-    neighbours (here, voxel values linear along the slices, the volume as acquired). Two echoes at the same positions in
-    one series are refused."""
+    neighbours (here, voxel values linear along the slices, the volume as acquired). Four missing in a row, and two
+    echoes at the same positions in one series, are refused."""
     from pydicom import dcmread
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
@@ -403,6 +403,11 @@ def test_a_dicom_series_with_a_missing_slice_is_put_on_even_slices_and_two_echoe
     out = nib.as_closest_canonical(nib.load(dicom_to_nifti(series, tmp_path / "nifti" / "t2.nii.gz")))
     assert out.shape == (8, 6, 10) and np.allclose(out.header.get_zooms(), (1.0, 1.0, 3.0))
     assert np.allclose(out.affine, affine, atol=1e-3) and np.array_equal(np.asarray(out.dataobj), volume)
+    for f in by_z[5:8]:  # slices 5-8 missing: too many to make up
+        Path(f).unlink()
+    (holed,) = dicom_series(tmp_path / "gap")
+    with pytest.raises(SeriesMatchError, match=r"#3 'AX T2'.*a gap of 15.0 mm.*4 slices of 3.00 mm missing"):
+        dicom_to_nifti(holed, tmp_path / "nifti" / "t2_holed.nii.gz")
 
     uid = generate_uid()
     for echo in (1, 2):

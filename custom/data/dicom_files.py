@@ -48,6 +48,10 @@ SLICE_STEP_TOLERANCE = 0.1
 spaced (ITK flags deviations of a rounding error's size)."""
 
 
+MAX_MISSING_SLICES = 2
+"""Of a series with slices missing, how many in a row :func:`regular_slices` interpolates; a larger gap is refused."""
+
+
 def slice_positions(files: Sequence[str]) -> list[float] | None:
     """Positions (mm) of ``files``' slices along the normal of the first one's ImageOrientationPatient, in ``files``'
     order; None where a file has no position or orientation."""
@@ -70,8 +74,8 @@ def regular_slices(image, positions: Sequence[float], what: str):
     """``image`` (a SimpleITK volume whose k-th slice lies at ``positions[k]`` mm along its third axis) on evenly spaced
     slices: the median distance between neighbours, from the first slice to the last, each interpolated linearly between
     the two acquired slices around it (as 3D Slicer's acquisition-geometry regularisation does). Raises
-    ``SeriesMatchError`` where two slices share a position (several echoes or acquisitions in one series) or the order
-    is not monotonic."""
+    ``SeriesMatchError`` where two slices share a position (several echoes or acquisitions in one series), the order is
+    not monotonic, or more than :data:`MAX_MISSING_SLICES` slices in a row are missing."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -81,6 +85,9 @@ def regular_slices(image, positions: Sequence[float], what: str):
     if step <= 0 or steps.min() < SLICE_STEP_TOLERANCE * step:
         raise SeriesMatchError(f"{what}: {int((steps < SLICE_STEP_TOLERANCE * max(step, 1e-6)).sum())} of its slices lie where another "
                                f"one does (several echoes or acquisitions in one series?): export them as separate series")
+    if steps.max() > (MAX_MISSING_SLICES + 1.5) * step:
+        raise SeriesMatchError(f"{what}: a gap of {steps.max():.1f} mm between two of its slices, {steps.max() / step - 1:.0f} slices of "
+                               f"{step:.2f} mm missing (at most {MAX_MISSING_SLICES} are interpolated): send or export the series complete")
     n = int(round(z[-1] / step)) + 1
     target = np.arange(n) * step
     k = np.clip(np.searchsorted(z, target, side="right") - 1, 0, len(z) - 2)
