@@ -27,7 +27,16 @@ from custom.preparation import (
 )
 from custom.preparation import brain as brain_module
 from custom.preparation.__main__ import main as cli
-from custom.preparation.brain import ATLAS_GUARD_MM, START_METRIC_SHARE, atlas_prior, extract_brain, near, overlap, template
+from custom.preparation.brain import (
+    ATLAS_GUARD_MM,
+    START_METRIC_SHARE,
+    START_OVERLAP_MARGIN,
+    atlas_prior,
+    extract_brain,
+    near,
+    overlap,
+    template,
+)
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.grid import bias_correct, model_grid
 from custom.preparation.studies import PreparedStudies
@@ -112,8 +121,8 @@ def test_the_atlas_guard_reaches_its_distance_in_mm():
 def test_the_atlas_start_is_the_one_whose_brain_agrees_with_deepbets(monkeypatch):
     """``atlas_prior`` with ``brain_mask``: of the similarity starts within START_METRIC_SHARE of the best mutual information,
     the one whose brain overlaps that mask most goes on, not the one of highest mutual information (on some heads a brain a
-    fifth too small). Registration stubbed: each start stays where it began (scales 0.9, 1 and 1.1 times the head's, the
-    last the smallest brain) with the metrics given."""
+    fifth too small), unless it overlaps it by no more than START_OVERLAP_MARGIN more. Registration stubbed: each start
+    stays where it began (scales 0.9, 1 and 1.1 times the head's, the last the smallest brain) with the metrics given."""
     head, mask = template()
     metrics, scales = [], []
 
@@ -136,6 +145,12 @@ def test_the_atlas_start_is_the_one_whose_brain_agrees_with_deepbets(monkeypatch
     assert chosen(brain_mask=mask) == 1  # the template's own brain: scale 1
     metrics[:] = [0.5, START_METRIC_SHARE - 0.05, 1.0]
     assert chosen(brain_mask=mask) == 2  # the others below START_METRIC_SHARE of the best
+    metrics[:] = [0.9, 0.95, 1.0]  # overlaps stubbed: within START_OVERLAP_MARGIN of the best start's a tie, which it wins
+    m = START_OVERLAP_MARGIN
+    for agreement, expected in (((0.8, 0.84 + m - 0.01, 0.84), 2), ((0.8, 0.84 + m + 0.01, 0.84), 1), ((0.8, 0.84, 0.86), 2)):
+        by_scale = dict(zip(sorted(scales), agreement))  # the starts' scales, as the last run had them
+        monkeypatch.setattr(brain_module, "overlap", lambda fixed, t, brain: by_scale[sitk.Similarity3DTransform(t).GetScale()])
+        assert chosen(brain_mask=mask) == expected, agreement
 
 
 def test_deepbet_and_the_atlas_on_a_raw_head(study):

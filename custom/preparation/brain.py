@@ -6,7 +6,7 @@
    bone) and a bright one (scalp): nilearn has no template with the head. Mattes mutual information
    over the reference's head on 2 mm working images: similarity (three starting scales, the top of
    the brain 12 mm under the top of the head; the result of highest mutual information goes on, or, of
-   those near it, the one whose brain agrees best with deepbet's, 3), then affine, then optionally a
+   those near it, the one whose brain agrees clearly better with deepbet's, 3), then affine, then optionally a
    coarse B-spline.
    Without the shells (brain template, moving mask) the optimum is a brain too small: its mutual
    information is higher than the true alignment's.
@@ -54,6 +54,7 @@ BORDER_GROWTH_MM = 20.0  # how far the grid grows past a brain that reaches its 
 BSPLINE_ITERATIONS = 25  # of the coarse deformable step, on 4 mm images
 ATLAS_GUARD_MM = 3.0  # "deepbet+atlas": how far outside the atlas' brain deepbet's brain may reach
 START_METRIC_SHARE = 0.75  # "deepbet+atlas": of the best start's mutual information, what a start needs for deepbet to choose it
+START_OVERLAP_MARGIN = 0.03  # "deepbet+atlas": how much more a start's brain must overlap deepbet's than the best start's does (Dice)
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,9 +125,10 @@ def atlas_prior(reference: sitk.Image, reference_work: sitk.Image | None = None,
     mutual information (nats). Of the similarity stage's starting scales, the result with the highest
     mutual information goes on, or, given ``brain_mask`` (the reference's brain by another method, e.g.
     deepbet's; a mask in the reference world), of those reaching :data:`START_METRIC_SHARE` of it, the one
-    whose brain overlaps ``brain_mask`` most (:func:`overlap`): on some heads, and on T2s, the highest
-    mutual information is a brain a fifth too small; where deepbet takes scalp, a start far below the best
-    mutual information would follow it.
+    whose brain overlaps ``brain_mask`` most (:func:`overlap`), where it does so by more than
+    :data:`START_OVERLAP_MARGIN`: on some heads, and on T2s, the highest mutual information is a brain a fifth
+    too small; where deepbet takes scalp, a start far below the best mutual information would follow it; and a
+    near tie, which rounding can turn either way, leaves the highest mutual information.
     """
     fw = reference_work if reference_work is not None else working_image(reference, spacing)
     mw = working_image(template()[0], spacing)
@@ -141,9 +143,14 @@ def atlas_prior(reference: sitk.Image, reference_work: sitk.Image | None = None,
         sim.SetScale(float(scale))
         sim.SetTranslation([float(v) for v in brain - head])
         found.append(_stage(fw, mw, sim, (4, 2), fmask))
-    sim, top = max(found, key=lambda f: f[1])
+    best = max(range(len(found)), key=lambda i: found[i][1])
+    chosen, top = best, found[best][1]
     if brain_mask is not None:
-        sim = max((f for f in found if f[1] >= min(top, START_METRIC_SHARE * top)), key=lambda f: overlap(fw, f[0], brain_mask))[0]
+        agree = {i: overlap(fw, t, brain_mask) for i, (t, metric) in enumerate(found) if metric >= min(top, START_METRIC_SHARE * top)}
+        closest = max(agree, key=agree.get)
+        if agree[closest] > agree[best] + START_OVERLAP_MARGIN:
+            chosen = closest
+    sim = found[chosen][0]
     aff = sitk.AffineTransform(3)
     s = sitk.Similarity3DTransform(sim)
     aff.SetCenter(s.GetCenter())
