@@ -72,7 +72,8 @@ def slice_positions(files: Sequence[str]) -> list[float] | None:
 
 def regular_slices(image, positions: Sequence[float], what: str):
     """``image`` (a SimpleITK volume whose k-th slice lies at ``positions[k]`` mm along its third axis) on evenly spaced
-    slices: the median distance between neighbours, from the first slice to the last, each interpolated linearly between
+    slices (unchanged where they are, to :data:`SLICE_STEP_TOLERANCE`): the median distance between neighbours, from the
+    first slice to the last, each interpolated linearly between
     the two acquired slices around it (as 3D Slicer's acquisition-geometry regularisation does). Raises
     ``SeriesMatchError`` where two slices share a position (several echoes or acquisitions in one series), the order is
     not monotonic, or more than :data:`MAX_MISSING_SLICES` slices in a row are missing."""
@@ -82,6 +83,8 @@ def regular_slices(image, positions: Sequence[float], what: str):
     z = np.abs(np.asarray(positions, float) - positions[0])
     steps = np.diff(z)
     step = float(np.median(steps))
+    if len(steps) and step > 0 and steps.max() - steps.min() <= SLICE_STEP_TOLERANCE * step:
+        return image  # even to a rounding error
     if step <= 0 or steps.min() < SLICE_STEP_TOLERANCE * step:
         raise SeriesMatchError(f"{what}: {int((steps < SLICE_STEP_TOLERANCE * max(step, 1e-6)).sum())} of its slices lie where another "
                                f"one does (several echoes or acquisitions in one series?): export them as separate series")
@@ -92,11 +95,9 @@ def regular_slices(image, positions: Sequence[float], what: str):
     target = np.arange(n) * step
     k = np.clip(np.searchsorted(z, target, side="right") - 1, 0, len(z) - 2)
     w = ((target - z[k]) / (z[k + 1] - z[k])).astype(np.float32)[:, None, None]
-    a = sitk.GetArrayFromImage(image).astype(np.float32)  # (K, J, I)
-    data = (1 - w) * a[k] + w * a[k + 1]
-    if np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.integer):
-        data = np.rint(data)
-    out = sitk.GetImageFromArray(data.astype(sitk.GetArrayViewFromImage(image).dtype))
+    a = sitk.GetArrayFromImage(image)  # (K, J, I)
+    data = (1 - w) * a[k].astype(np.float32) + w * a[k + 1].astype(np.float32)
+    out = sitk.GetImageFromArray((np.rint(data) if np.issubdtype(a.dtype, np.integer) else data).astype(a.dtype))
     out.SetOrigin(image.GetOrigin())
     out.SetDirection(image.GetDirection())
     out.SetSpacing([*image.GetSpacing()[:2], step])
@@ -128,9 +129,8 @@ def dicom_to_nifti(series: Mapping, out: Path) -> Path:
     except RuntimeError as e:
         raise SeriesMatchError(f"{what}: cannot be read ({str(e).strip().splitlines()[-1]})") from e
     if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation"):  # ITK's flag, raised by rounding errors too
-        positions = slice_positions(names)
-        steps = sorted(abs(b - a) for a, b in zip(positions, positions[1:])) if positions else []
-        if steps and steps[-1] - steps[0] > SLICE_STEP_TOLERANCE * steps[len(steps) // 2]:
+        positions = slice_positions(names)  # headers read again: only for a flagged series
+        if positions and len(positions) > 1:
             image = regular_slices(image, positions, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
