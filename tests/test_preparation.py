@@ -310,54 +310,68 @@ def test_the_brain_comes_from_a_3d_t1_weighted_series():
     assert brain_series({"flair": series(18, 18, 90), "t1": iso}, "flair") == "t1"
 
 
-def test_a_flair_reference_gets_its_brain_from_the_3d_t1ce(study, tmp_path):
-    """With the FLAIR as the reference, the brain is extracted on the 3D T1ce and carried onto the FLAIR through the
-    T1ce's registration: it lies on the brain in the FLAIR's world."""
-    assert study.acquisitions["t1ce"]["voxel_mm"][0] == study.acquisitions["t1ce"]["voxel_mm"][2]  # a 3D series
-    series = {s: study.series[s] for s in ("t1ce", "flair")}
-    report = prepare_study(series, tmp_path, reference="flair", bias_correction=False, case_id="P3", spacing=SPACING)
-    assert report["reference"]["sequence"] == "flair" and report["brain"]["series"] == "t1ce"
-    mask_img = nib.load(tmp_path / report["brain"]["mask"])
-    mask = np.asarray(mask_img.dataobj) > 0
-    truth, _ = study.truth_on_grid(mask.shape, mask_img.affine, reference="flair")
-    assert _dice(mask, truth) >= 0.95
-    assert np.allclose(mask_img.affine, np.array(report["grid"]["affine_ras"]), atol=1e-4)
+DICOM_NAMES = {"t1ce": "AX T1 POST GD", "flair": "SAG T2 FLAIR", "t2": "AX T2 TSE"}
 
 
-def test_a_study_of_dicom_series_is_read_and_prepared(study, tmp_path):
-    """An archive's download: a folder per DICOM series below the study folder, with a localizer no rule maps. The
-    series rules read the SeriesDescriptions, the series used become NIfTI files on their own grids, and the study is
-    prepared as from NIfTI files."""
+@pytest.fixture(scope="module")
+def dicom_study(study, tmp_path_factory):
+    """The study as an archive's download (a folder per DICOM series below the study folder, and a localizer no rule
+    maps), prepared through ``PreparedStudies`` with the FLAIR as the reference and no N4: ``(studies, prepared)``."""
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
-    from custom.data.dicom_series import SeriesMatchError
-    from custom.preparation.studies import study_series
     from tools.nifti_to_dicom import write_series
 
+    root = tmp_path_factory.mktemp("dicom_study")
     shared = Dataset()
     shared.PatientID, shared.PatientName, shared.StudyInstanceUID = "P9", "P9", generate_uid()
     shared.FrameOfReferenceUID, shared.StudyDate, shared.StudyTime = generate_uid(), "20261205", "120000"
-    names = {"t1ce": "AX T1 POST GD", "flair": "SAG T2 FLAIR", "t2": "AX T2 TSE"}
-    downloaded = tmp_path / "studies" / "P9"
-    for i, (seq, name) in enumerate(names.items()):
+    downloaded = root / "studies" / "P9"
+    for i, (seq, name) in enumerate(DICOM_NAMES.items()):
         img = nib.load(study.series[seq])
         write_series(np.asarray(img.dataobj), img.affine, downloaded / f"1.2.{i}-{name.replace(' ', '_')}", study=shared,
                      series_uid=generate_uid(), series_number=i + 2, description=name)
     loc = nib.load(study.series["t1"])
     write_series(np.asarray(loc.dataobj)[:, :, :3], loc.affine, downloaded / "1.2.9-localizer", study=shared, series_uid=generate_uid(),
                  series_number=1, description="3-plane localizer")
+    prepared = PreparedStudies(root / "studies", root / "out" / "prepared", reference="flair", spacing=SPACING, bias_correction=False)
+    return root / "studies", prepared
+
+
+def test_a_study_of_dicom_series_is_read_and_prepared(study, dicom_study, tmp_path):
+    """An archive's download: the series rules read the SeriesDescriptions, the series used become NIfTI files on their
+    own grids (the localizer is passed over), and the study is prepared as from NIfTI files."""
+    from custom.data.dicom_series import SeriesMatchError
+    from custom.preparation.studies import study_series
+
+    studies, prepared = dicom_study
     with pytest.raises(SeriesMatchError, match="no series for"):
-        study_series(downloaded)  # without nifti_dir, DICOM series are not looked for
-    found = study_series(downloaded, nifti_dir=tmp_path / "nifti")
-    assert sorted(found) == ["flair", "t1ce", "t2"]
+        study_series(studies / "P9")  # without nifti_dir, DICOM series are not looked for
+    found = study_series(studies / "P9", nifti_dir=tmp_path / "nifti")
+    assert sorted(found) == sorted(DICOM_NAMES)
     for seq, path in found.items():
         # the same voxels at the same world positions (GDCM orders the slices by position: compare in RAS order)
         src, out = nib.as_closest_canonical(nib.load(study.series[seq])), nib.as_closest_canonical(nib.load(path))
         assert out.shape[:3] == src.shape[:3] and np.allclose(out.affine, src.affine, atol=1e-3)
         assert np.allclose(np.asarray(out.dataobj, np.float32), np.asarray(src.dataobj, np.float32), atol=1.0)
-    prepared = PreparedStudies(tmp_path / "studies", tmp_path / "out" / "prepared", spacing=SPACING, bias_correction=False)
-    assert prepared.reports["P9"]["reference"]["sequence"] == "t1ce" and not prepared.refused
+    assert not prepared.refused and sorted(prepared.reports) == ["P9"]
+    report = prepared.reports["P9"]
+    assert report["sequences"] == ["flair", "t1ce", "t2"] and report["bias_correction"] == []
+    assert {s: Path(e["source"]).name for s, e in report["series"].items()} == {s: f"{s}.nii.gz" for s in DICOM_NAMES}
+
+
+def test_a_flair_reference_gets_its_brain_from_the_3d_t1ce(study, dicom_study):
+    """With the FLAIR as the reference, the brain is extracted on the 3D T1ce and carried onto the FLAIR through the
+    T1ce's registration: it lies on the brain in the FLAIR's world (the DICOM study's FLAIR lies where the NIfTI one does)."""
+    assert study.acquisitions["t1ce"]["voxel_mm"][0] == study.acquisitions["t1ce"]["voxel_mm"][2]  # a 3D series
+    _, prepared = dicom_study
+    report = prepared.reports["P9"]
+    assert report["reference"]["sequence"] == "flair" and report["brain"]["series"] == "t1ce"
+    mask_img = nib.load(prepared.prepared_dir / "P9" / report["brain"]["mask"])
+    mask = np.asarray(mask_img.dataobj) > 0
+    truth, _ = study.truth_on_grid(mask.shape, mask_img.affine, reference="flair")
+    assert _dice(mask, truth) >= 0.95
+    assert np.allclose(mask_img.affine, np.array(report["grid"]["affine_ras"]), atol=1e-4)
 
 
 def test_a_dicom_series_split_over_two_folders_is_refused_and_writes_leave_no_partial_file(tmp_path):
