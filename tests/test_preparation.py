@@ -26,6 +26,7 @@ from custom.preparation import (
     register_rigid,
 )
 from custom.preparation import brain as brain_module
+from custom.preparation import study as study_module
 from custom.preparation.__main__ import main as cli
 from custom.preparation.brain import (
     ATLAS_GUARD_MM,
@@ -162,7 +163,7 @@ def test_deepbet_on_a_raw_head(study):
     assert _dice(net, truth) >= 0.9, _dice(net, truth)
 
 
-def test_raw_head_gets_atlas_extraction_and_skull_stripped_series_keep_their_brain(study, prepared, tmp_path):
+def test_raw_head_gets_atlas_extraction_and_skull_stripped_series_keep_their_brain(study, prepared, tmp_path, monkeypatch):
     _, report = prepared
     assert report["brain"]["method"] == "deepbet+atlas"  # "auto" on a head with skull and scalp, whatever its voxel size (2 mm here)
     write_dataset(tmp_path / "ready", 1, seed=SEED, layout="brats2021", size="small")
@@ -173,8 +174,11 @@ def test_raw_head_gets_atlas_extraction_and_skull_stripped_series_keep_their_bra
     assert rep["brain"]["method"] == "skull-stripped" and rep["brain"]["atlas_mutual_information"] is None
     voxel_ml = float(np.prod(flair.header.get_zooms()[:3])) / 1000
     assert rep["brain"]["volume_ml"] == pytest.approx(own.sum() * voxel_ml, rel=0.05)
-    with pytest.raises(PreparationError, match="not skull-stripped"):
+    with pytest.raises(PreparationError, match="the reference series is not skull-stripped"):
         extract_brain(read_series(study.series["t1ce"]), lambda points, rotation: model_grid(points, SPACING, rotation), "skull-stripped")
+    monkeypatch.setattr(study_module, "register_rigid", lambda *a, **k: pytest.fail("registered before refusing"))
+    with pytest.raises(PreparationError, match="the T1ce series is not skull-stripped"):  # refused before any registration
+        prepare_study(study.series, tmp_path / "raw", spacing=SPACING, brain_method="skull-stripped")
 
 
 def test_outputs_and_report(study, prepared):

@@ -269,6 +269,12 @@ def stripped_mask(reference: sitk.Image) -> np.ndarray | None:
     return mask if STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1] else None
 
 
+def not_stripped(series: str) -> PreparationError:
+    """The error of brain method ``"skull-stripped"`` on a ``series`` (its name) that :func:`stripped_mask` finds is not."""
+    return PreparationError(f"the {series} series is not skull-stripped (no constant background around a brain-sized region): "
+                            "use brain extraction (method 'auto' or an atlas method)")
+
+
 def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", reference_work: sitk.Image | None = None) -> dict:
     """Brain mask of ``reference`` on the model grid: ``{"mask", "grid", "matrix", "metric", "volume_ml", "seconds", "method"}``.
 
@@ -293,8 +299,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
             return {"mask": mask, "grid": grid, "matrix": np.eye(4), "metric": float("nan"), "method": "skull-stripped",
                     "volume_ml": float(mask.sum() * grid.spacing ** 3 / 1000.0), "seconds": time.perf_counter() - t0}
         if method == "skull-stripped":
-            raise PreparationError("the reference series is not skull-stripped (no constant background around a brain-sized "
-                                   "region): use brain extraction (method 'auto' or an atlas method)")
+            raise not_stripped("reference")
         method = AUTO_METHOD
     net = None
     if method in ("deepbet", "deepbet+atlas"):

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from custom.data.errors import OutputError
 from custom.data.vocabulary import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_ALIASES, default_reference, describe_sequences
-from custom.preparation.brain import METHODS, extract_brain, stripped_mask
+from custom.preparation.brain import METHODS, extract_brain, not_stripped, stripped_mask
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import ModelGrid, bias_correct, model_grid, resample_to_grid
 from custom.preparation.registration import identity, register_rigid, working_image
@@ -150,11 +150,13 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
         t = time.perf_counter()
         images[s] = read_series(paths[s], describe_sequences([s]))
         seconds[s] = time.perf_counter() - t
+    on = brain_series(images, reference)
+    if brain_method == "skull-stripped" and stripped_mask(images[on]) is None:  # before the registrations, not after them
+        raise not_stripped(describe_sequences([on]))
     ref_work = working_image(images[reference])
     regs = {reference: identity(reference)}
     for s in order[1:]:
         regs[s] = register_rigid(images[reference], images[s], describe_sequences([s]), fixed_work=ref_work)
-    on = brain_series(images, reference)
     lattice = image_affine(images[on])
     brain = extract_brain(images[on], lambda points, rotation: model_grid(points, spacing, rotation, lattice=lattice), brain_method,
                           ref_work if on == reference else None)
