@@ -151,7 +151,7 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
         images[s] = read_series(paths[s], describe_sequences([s]))
         seconds[s] = time.perf_counter() - t
     on = brain_series(images, reference)
-    if brain_method == "skull-stripped" and stripped_mask(images[on]) is None:  # before the registrations, not after them
+    if brain_method == "skull-stripped" and stripped_mask(images[on]) is None:  # a refusal costs no registration
         raise not_stripped(describe_sequences([on]))
     ref_work = working_image(images[reference])
     regs = {reference: identity(reference)}
