@@ -21,8 +21,8 @@ A series that is already skull-stripped (BraTS-ready input, research data) keeps
 (:data:`METHODS`): ``"skull-stripped"``, ``"atlas-deformable"`` (prior > 0.5 after the B-spline
 step), ``"atlas-affine"`` (after the affine step), ``"atlas+intensity"`` (the affine prior refined by
 2), ``"deepbet"`` (3 on the affine atlas' grid), ``"deepbet+atlas"`` (3, less what lies more than
-:data:`ATLAS_GUARD_MM` outside 1, whose start 3 chose: deepbet learnt from real heads, the head model's
-shells are made up, so the atlas only vetoes gross errors such as eyes or neck);
+:data:`ATLAS_GUARD_MM` outside 1's affine brain, whose start 3 chose: deepbet learnt from real heads, the head
+model's shells are made up, so the atlas only vetoes gross errors such as eyes or neck);
 measured against each other by ``benchmarks/preparation.py``.
 """
 
@@ -306,7 +306,7 @@ def extract_brain(reference: sitk.Image, grid_for, method: str = "auto", referen
         net_mask, net_affine = deepbet_mask(reference)
         net = image_from_array(net_mask.astype(np.uint8), net_affine, np.uint8)
     with single_threaded():
-        matrix, transform, metric = atlas_prior(reference, reference_work, deformable=method in ("atlas-deformable", "deepbet+atlas"),
+        matrix, transform, metric = atlas_prior(reference, reference_work, deformable=method == "atlas-deformable",
                                                 brain_mask=net if method == "deepbet+atlas" else None)
     tmask = template()[1]
     pts = np.argwhere(np.transpose(sitk.GetArrayFromImage(tmask), (2, 1, 0)) > 0.5)

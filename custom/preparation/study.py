@@ -60,10 +60,11 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise OutputError(f"{path}: cannot be written ({e})") from e
 
 
-REVISION = 5
+REVISION = 6
 """Raised whenever ``prepare_study`` writes something else for the same input (2: the grid on the reference's voxel
 lattice, N4 in 3 levels and on the T2 too; 3: the brain from a 3D T1-weighted series where the reference is not one;
-4: the atlas' similarity start chosen by its agreement with deepbet's brain; 5: only by a clearly better agreement);
+4: the atlas' similarity start chosen by its agreement with deepbet's brain; 5: only by a clearly better agreement;
+6: deepbet's brain guarded by the atlas' affine brain, without the B-spline step);
 in the report, and in the DICOMweb datastore's cache key."""
 T1_WEIGHTED = ("t1ce", "t1")
 """The sequences brain extraction prefers, in this order: deepbet learnt from T1-weighted heads, and the head model is one."""
