@@ -223,8 +223,9 @@ def refine_mask(image: np.ndarray, prior: np.ndarray, spacing: float, reach: flo
 
 @contextlib.contextmanager
 def single_threaded():
-    """SimpleITK on one thread inside the block: its threaded atlas registration gives a slightly
-    different mask from run to run (work split and summed in a varying order); one thread, the same."""
+    """SimpleITK on one thread inside the block, for filters any thread creates meanwhile (the setting is the
+    process'): a threaded registration sums its metric in a varying order, so its transform moves a little from run
+    to run; on one thread it is the same. A registration's own ``SetNumberOfThreads(1)`` is not enough."""
     n = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:

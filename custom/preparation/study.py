@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +22,7 @@ import SimpleITK as sitk
 
 from custom.data.errors import OutputError
 from custom.data.vocabulary import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_ALIASES, default_reference, describe_sequences
-from custom.preparation.brain import METHODS, extract_brain, not_stripped, stripped_mask
+from custom.preparation.brain import METHODS, extract_brain, not_stripped, single_threaded, stripped_mask
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import ModelGrid, bias_correct, model_grid, resample_to_grid
 from custom.preparation.registration import identity, register_rigid, working_image
@@ -60,11 +61,11 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise OutputError(f"{path}: cannot be written ({e})") from e
 
 
-REVISION = 6
+REVISION = 7
 """Raised whenever ``prepare_study`` writes something else for the same input (2: the grid on the reference's voxel
 lattice, N4 in 3 levels and on the T2 too; 3: the brain from a 3D T1-weighted series where the reference is not one;
 4: the atlas' similarity start chosen by its agreement with deepbet's brain; 5: only by a clearly better agreement;
-6: deepbet's brain guarded by the atlas' affine brain, without the B-spline step);
+6: deepbet's brain guarded by the atlas' affine brain, without the B-spline step; 7: the registrations on one thread);
 in the report, and in the DICOMweb datastore's cache key."""
 T1_WEIGHTED = ("t1ce", "t1")
 """The sequences brain extraction prefers, in this order: deepbet learnt from T1-weighted heads, and the head model is one."""
@@ -127,7 +128,8 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     FLAIR, else T1, else T2). ``bias_correction``: N4 on the named series (default :data:`N4_SEQUENCES`), on every
     series (``True``) or on none (``False``). ``spacing``: the model grid's voxel size (mm). Report: per series its file, grid
     and registration (rotation in degrees, translation in mm, mutual information, seconds); the
-    reference and the model grid; the brain volume (mL), method and the series it was extracted on; total seconds.
+    reference and the model grid; the brain volume (mL), method and the series it was extracted on; total seconds
+    (the brain extraction runs beside the registrations, so the steps' seconds add up to more).
     Raises :class:`PreparationError` for a study that cannot be prepared.
     """
     t0 = time.perf_counter()
@@ -155,12 +157,15 @@ def prepare_study(series: dict, out_dir: str | os.PathLike, reference: str | Non
     if brain_method == "skull-stripped" and stripped_mask(images[on]) is None:  # a refusal costs no registration
         raise not_stripped(describe_sequences([on]))
     ref_work = working_image(images[reference])
-    regs = {reference: identity(reference)}
-    for s in order[1:]:
-        regs[s] = register_rigid(images[reference], images[s], describe_sequences([s]), fixed_work=ref_work)
     lattice = image_affine(images[on])
-    brain = extract_brain(images[on], lambda points, rotation: model_grid(points, spacing, rotation, lattice=lattice), brain_method,
-                          ref_work if on == reference else None)
+    regs = {reference: identity(reference)}
+    # the brain beside the registrations, each on one core: SimpleITK on one thread gives the same transforms every run
+    with single_threaded(), ThreadPoolExecutor(1) as pool:
+        brain_job = pool.submit(extract_brain, images[on], lambda points, rotation: model_grid(points, spacing, rotation, lattice=lattice),
+                                brain_method, ref_work if on == reference else None)
+        for s in order[1:]:
+            regs[s] = register_rigid(images[reference], images[s], describe_sequences([s]), fixed_work=ref_work)
+        brain = brain_job.result()
     grid, mask = brain["grid"], brain["mask"]
     if not mask.any():
         raise PreparationError(f"{describe_sequences([on])} series: no brain found")
