@@ -7,6 +7,7 @@ One small study (the generator's 2.5 mm case, series at twice the clinical voxel
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -36,6 +37,7 @@ from custom.preparation.brain import (
     extract_brain,
     near,
     overlap,
+    single_threaded,
     template,
 )
 from custom.preparation.deepbet_brain import deepbet_mask
@@ -103,6 +105,33 @@ def test_brain_mask_dice_and_volume(study, prepared):
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def test_single_threaded_blocks_overlapping_across_threads_keep_one_thread_until_the_last_ends():
+    """Two studies prepared at once: the block opened first ends first, and SimpleITK must stay on one thread for the
+    other's registrations; the setting from before comes back when both have ended."""
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def other_study():
+        with single_threaded():
+            entered.set()
+            release.wait(10)
+            seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+
+    try:
+        worker = threading.Thread(target=other_study)
+        with single_threaded():
+            worker.start()
+            assert entered.wait(10)
+        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        release.set()
+        worker.join(10)
+        assert seen == [1, 1] and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2
+    finally:
+        release.set()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def test_the_atlas_guard_reaches_its_distance_in_mm():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 import warnings
 
@@ -221,17 +222,28 @@ def refine_mask(image: np.ndarray, prior: np.ndarray, spacing: float, reach: flo
     return ndi.binary_fill_holes(mask)
 
 
+_single_thread_lock = threading.Lock()
+_single_thread_holders = {"count": 0, "threads": 1}  # blocks open, and the setting to restore when the last one ends
+
+
 @contextlib.contextmanager
 def single_threaded():
     """SimpleITK on one thread inside the block, for filters any thread creates meanwhile (the setting is the
     process'): a threaded registration sums its metric in a varying order, so its transform moves a little from run
-    to run; on one thread it is the same. A registration's own ``SetNumberOfThreads(1)`` is not enough."""
-    n = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    to run; on one thread it is the same. A registration's own ``SetNumberOfThreads(1)`` is not enough. Blocks may
+    overlap across threads (two studies prepared at once): the setting comes back when the last one ends."""
+    with _single_thread_lock:
+        if _single_thread_holders["count"] == 0:
+            _single_thread_holders["threads"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _single_thread_holders["count"] += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+        with _single_thread_lock:
+            _single_thread_holders["count"] -= 1
+            if _single_thread_holders["count"] == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_single_thread_holders["threads"])
 
 
 def near(mask: np.ndarray, distance_mm: float, spacing: float) -> np.ndarray:
