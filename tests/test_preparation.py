@@ -37,11 +37,11 @@ from custom.preparation.brain import (
     extract_brain,
     near,
     overlap,
-    single_threaded,
     template,
 )
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.grid import bias_correct, model_grid
+from custom.preparation.registration import single_threaded
 from custom.preparation.studies import PreparedStudies
 from custom.preparation.study import N4_SEQUENCES, bias_corrected, brain_series
 from custom.synthetic import write_dataset

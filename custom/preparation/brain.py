@@ -28,9 +28,7 @@ measured against each other by ``benchmarks/preparation.py``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 import time
 import warnings
 
@@ -41,7 +39,7 @@ from scipy import ndimage as ndi
 from custom.preparation.deepbet_brain import deepbet_mask
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import ModelGrid, lattice_rotation, resample_to_grid, upright_rotation
-from custom.preparation.registration import SEED, head_points, otsu_threshold, transform_matrix, working_image
+from custom.preparation.registration import SEED, head_points, otsu_threshold, single_threaded, transform_matrix, working_image
 from custom.preparation.series import RAS_TO_LPS, image_affine, image_from_array
 
 METHODS = ("auto", "skull-stripped", "atlas-affine", "atlas-deformable", "atlas+intensity", "deepbet", "deepbet+atlas")
@@ -220,30 +218,6 @@ def refine_mask(image: np.ndarray, prior: np.ndarray, spacing: float, reach: flo
     mask = lab == int(np.argmax(counts))
     mask = ndi.binary_closing(mask, iterations=2) | core
     return ndi.binary_fill_holes(mask)
-
-
-_single_thread_lock = threading.Lock()
-_single_thread_holders = {"count": 0, "threads": 1}  # blocks open, and the setting to restore when the last one ends
-
-
-@contextlib.contextmanager
-def single_threaded():
-    """SimpleITK on one thread inside the block, for filters any thread creates meanwhile (the setting is the
-    process'): a threaded registration sums its metric in a varying order, so its transform moves a little from run
-    to run; on one thread it is the same. A registration's own ``SetNumberOfThreads(1)`` is not enough. Blocks may
-    overlap across threads (two studies prepared at once): the setting comes back when the last one ends."""
-    with _single_thread_lock:
-        if _single_thread_holders["count"] == 0:
-            _single_thread_holders["threads"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-        _single_thread_holders["count"] += 1
-    try:
-        yield
-    finally:
-        with _single_thread_lock:
-            _single_thread_holders["count"] -= 1
-            if _single_thread_holders["count"] == 0:
-                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_single_thread_holders["threads"])
 
 
 def near(mask: np.ndarray, distance_mm: float, spacing: float) -> np.ndarray:

@@ -5,11 +5,14 @@ against aliasing, each in its own orientation). The start is the best of three (
 centred field-of-view geometry, centred intensity moments), then a regular-step gradient descent of a
 rigid (Euler) transform over two levels (4 and 2 mm). A series whose field of view holds less than
 :data:`MIN_OVERLAP` of the reference's head in scanner coordinates (series of one study share them)
-or after registration, or whose similarity stays poor, raises :class:`PreparationError`.
+or after registration, or whose similarity stays poor, raises :class:`PreparationError`. Inside
+:func:`single_threaded`, SimpleITK runs on one thread and gives the same transform every run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -126,6 +129,30 @@ def transform_matrix(t: sitk.Transform) -> np.ndarray:
     m[:3, 3] = np.array(t.GetTranslation(), float) + c - a @ c
     f = np.diag([*np.diag(RAS_TO_LPS), 1.0])
     return f @ m @ f
+
+
+_single_thread_lock = threading.Lock()
+_single_thread_holders = {"count": 0, "threads": 1}  # blocks open, and the setting to restore when the last one ends
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """SimpleITK on one thread inside the block, for filters any thread creates meanwhile (the setting is the
+    process'): a threaded registration sums its metric in a varying order, so its transform moves a little from run
+    to run; on one thread it is the same. A registration's own ``SetNumberOfThreads(1)`` is not enough. Blocks may
+    overlap across threads (two studies prepared at once): the setting comes back when the last one ends."""
+    with _single_thread_lock:
+        if _single_thread_holders["count"] == 0:
+            _single_thread_holders["threads"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _single_thread_holders["count"] += 1
+    try:
+        yield
+    finally:
+        with _single_thread_lock:
+            _single_thread_holders["count"] -= 1
+            if _single_thread_holders["count"] == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_single_thread_holders["threads"])
 
 
 def _method(levels=(2, 1), sampling: float = 0.15, iterations: int = 200) -> sitk.ImageRegistrationMethod:

@@ -22,10 +22,10 @@ import SimpleITK as sitk
 
 from custom.data.errors import OutputError
 from custom.data.vocabulary import LAYOUTS, MODALITIES, REQUIRED_ANY, SEQUENCE_ALIASES, default_reference, describe_sequences
-from custom.preparation.brain import METHODS, extract_brain, not_stripped, single_threaded, stripped_mask
+from custom.preparation.brain import METHODS, extract_brain, not_stripped, stripped_mask
 from custom.preparation.errors import PreparationError
 from custom.preparation.grid import ModelGrid, bias_correct, model_grid, resample_to_grid
-from custom.preparation.registration import identity, register_rigid, working_image
+from custom.preparation.registration import identity, register_rigid, single_threaded, working_image
 from custom.preparation.series import image_affine, read_series
 
 LAYOUT = LAYOUTS["brats2021"]
